@@ -1,0 +1,78 @@
+"""The command line, run as a user runs it: a real process."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from tests.conftest import DEMO_HOST_URI, REPO
+
+
+def webvirt(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "webvirt", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=REPO)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_help_names_every_option() -> None:
+    result = webvirt("-h")
+    assert result.returncode == 0
+    for option in ("--address", "--port", "--connect", "--devices", "--log-level"):
+        assert option in result.stdout
+    assert "127.0.0.1" in result.stdout
+    assert "5000" in result.stdout
+
+
+def test_unreachable_libvirt_is_a_one_line_error() -> None:
+    result = webvirt("--connect", "qemu+unix:///system?socket=/nonexistent/sock",
+                     "--port", str(free_port()))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("webvirt: error")]
+    assert len(errors) == 1
+    assert "cannot connect to libvirt" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_port_in_use_is_a_one_line_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = webvirt("--connect", DEMO_HOST_URI, "--port", str(port))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "webvirt", "--connect", DEMO_HOST_URI, "--port", str(port)],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/0/state/win11"
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    assert response.read() == b'"shut off"'
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("server did not answer")
+    finally:
+        process.terminate()
+        _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert "serving http://127.0.0.1" in stderr
+    assert "GET /api/0/state/win11" in stderr  # the access log
+    assert "Traceback" not in stderr

@@ -1,0 +1,70 @@
+"""The OpenAPI spec is valid OpenAPI 3 and the docs pages work with no internet."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp.test_utils import TestClient
+from openapi_spec_validator import validate
+
+SEED_PATHS = {
+    "/api/0/state/{domain}", "/api/0/start/{domain}", "/api/0/shutdown/{domain}",
+    "/api/0/attach/{domain}/{xml_name}", "/api/0/detach/{domain}/{xml_name}", "/api/0/version",
+}
+
+
+async def fetch_spec(client: TestClient) -> dict:
+    response = await client.get("/api/0/openapi.json")
+    assert response.status == 200
+    return await response.json()
+
+
+async def test_spec_is_valid_openapi_3(client: TestClient) -> None:
+    spec = await fetch_spec(client)
+    assert spec["openapi"] == "3.0.3"
+    validate(spec)
+
+
+async def test_spec_documents_the_seed_endpoints_as_get_only(client: TestClient) -> None:
+    spec = await fetch_spec(client)
+    assert SEED_PATHS <= set(spec["paths"])
+    for path in SEED_PATHS:
+        assert set(spec["paths"][path]) == {"get"}, path
+
+
+async def test_every_operation_declares_responses(client: TestClient) -> None:
+    spec = await fetch_spec(client)
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            assert "200" in operation["responses"] or "101" in operation["responses"], (
+                path, method)
+            assert operation.get("summary"), (path, method)
+
+
+def external_urls(html: str) -> list[str]:
+    return re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", html)
+
+
+async def assets_of(client: TestClient, page: str) -> list[str]:
+    response = await client.get(page)
+    assert response.status == 200
+    html = await response.text()
+    assert external_urls(html) == []
+    return re.findall(r"""(?:src|href)=["']([^"'#]+)""", html)
+
+
+async def test_swagger_ui_is_served_locally(client: TestClient) -> None:
+    assets = await assets_of(client, "/docs")
+    assert any(a.endswith("swagger-ui-bundle.js") for a in assets)
+    for asset in assets:
+        assert (await client.get(asset)).status == 200, asset
+
+
+async def test_redoc_is_served_locally(client: TestClient) -> None:
+    assets = await assets_of(client, "/redoc")
+    assert "/static/vendor/redoc.standalone.js" in assets
+    response = await client.get("/static/vendor/redoc.standalone.js")
+    assert response.status == 200
+    assert len(await response.read()) > 500_000
+    html = await (await client.get("/redoc")).text()
+    assert 'spec-url="/api/0/openapi.json"' in html

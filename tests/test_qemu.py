@@ -1,0 +1,82 @@
+"""Against a real libvirtd running real QEMU guests (started by the suite, see conftest)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import libvirt
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.libvirt_daemon import guest_xml
+
+pytestmark = pytest.mark.qemu
+
+
+def tablets(dom: libvirt.virDomain) -> int:
+    return dom.XMLDesc().count("<input type='tablet' bus='usb'>")
+
+
+async def test_start_attach_detach_shutdown(qemu_client: TestClient,
+                                            qemu_conn: libvirt.virConnect) -> None:
+    dom = qemu_conn.defineXML(guest_xml("gamer"))
+
+    response = await qemu_client.get("/api/0/start/gamer")
+    assert response.status == 200
+    assert await response.json() == "starting"
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert await (await qemu_client.get("/api/0/state/gamer")).json() == "running"
+
+    response = await qemu_client.get("/api/0/attach/gamer/usb_tablet")
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert body["device"] == "attached"
+    assert body["template"] == "usb_tablet"
+    assert tablets(dom) == 1
+
+    response = await qemu_client.get("/api/0/detach/gamer/usb_tablet")
+    assert response.status == 200, await response.text()
+    assert (await response.json())["device"] == "detached"
+    for _ in range(50):  # device removal completes asynchronously in QEMU
+        if tablets(dom) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert tablets(dom) == 0
+
+    # The guest has no OS, so ACPI shutdown is accepted but the guest keeps running.
+    response = await qemu_client.get("/api/0/shutdown/gamer")
+    assert await response.json() == "shutting down"
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+async def test_persistent_attach_to_a_shut_off_guest(qemu_client: TestClient,
+                                                     qemu_conn: libvirt.virConnect) -> None:
+    dom = qemu_conn.defineXML(guest_xml("cold"))
+    response = await qemu_client.get("/api/0/attach/cold/usb_tablet")
+    assert response.status == 409  # live change of a guest that does not run
+    assert "not running" in (await response.json())["detail"]
+
+    response = await qemu_client.get("/api/0/attach/cold/usb_tablet?live=0&persistent=1")
+    assert response.status == 200, await response.text()
+    assert tablets(dom) == 1
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+
+
+async def test_missing_host_usb_device_is_refused_with_libvirts_reason(
+        qemu_client: TestClient, qemu_conn: libvirt.virConnect) -> None:
+    dom = qemu_conn.defineXML(guest_xml("nousb"))
+    dom.create()
+    response = await qemu_client.get("/api/0/attach/nousb/usb?vendor_id=dead&product_id=beef")
+    assert response.status in (409, 422), await response.text()
+    body = await response.json()
+    assert "dead" in body["detail"].lower() or "usb" in body["detail"].lower()
+    assert "<hostdev" not in dom.XMLDesc()  # nothing half-done
+
+
+async def test_invalid_device_xml_is_422(qemu_client: TestClient, qemu_conn: libvirt.virConnect,
+                                         devices_dir) -> None:
+    (devices_dir / "nonsense.xml").write_text("<hostdev mode='$MODE' type='usb'/>")
+    dom = qemu_conn.defineXML(guest_xml("strict"))
+    dom.create()
+    response = await qemu_client.get("/api/0/attach/strict/nonsense?mode=bogus")
+    assert response.status == 422, await response.text()

@@ -1,0 +1,3 @@
+from webvirt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Command line: `webvirt` and `python -m webvirt`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from webvirt import __version__
+from webvirt.app import create_app
+from webvirt.config import Settings
+from webvirt.errors import ApiError
+
+log = logging.getLogger("webvirt")
+
+DESCRIPTION = """\
+A small web server with a REST-inspired API for libvirt virtual machines:
+start, shut down and query VMs, attach and detach host devices from XML templates,
+and follow VM state live over a WebSocket.
+
+API docs of the running server: http://ADDRESS:PORT/docs (Swagger UI), /redoc (ReDoc)."""
+
+EPILOG = """\
+examples:
+  webvirt                                    serve on 127.0.0.1:5000, libvirt's default URI
+  webvirt --connect qemu:///system           manage the system QEMU/KVM daemon
+  webvirt --connect test:///default          try it on libvirt's built-in test driver
+  curl http://127.0.0.1:5000/api/0/start/win11
+
+Do not expose webvirt to untrusted networks: anyone who can reach it can control your VMs."""
+
+
+def default_devices_dir() -> Path:
+    # A single-file build looks next to the executable, like the seed did.
+    if getattr(sys, "frozen", False):
+        return Path(sys.executable).resolve().parent / "devices"
+    return Path("devices")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="webvirt",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--address", default="127.0.0.1",
+                        help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=5000,
+                        help="TCP port to listen on (default: %(default)s)")
+    parser.add_argument("--connect", metavar="URI", default=None,
+                        help="libvirt connection URI, e.g. qemu:///system "
+                             "(default: libvirt's own default, or $LIBVIRT_DEFAULT_URI)")
+    parser.add_argument("--devices", metavar="DIR", type=Path, default=None,
+                        help="folder of device templates NAME.xml (default: ./devices, or "
+                             "devices/ next to a single-file executable)")
+    parser.add_argument("--call-timeout", metavar="SECONDS", type=float, default=30.0,
+                        help="fail a request with 504 when libvirt takes longer "
+                             "(default: %(default)s)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="how much to log (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"webvirt {__version__}")
+    return parser
+
+
+async def serve(settings: Settings, address: str, port: int) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log_format='%a "%r" %s %b %Tfs')
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, address, port)
+        await site.start()
+        log.info("webvirt %s serving http://%s:%d (devices: %s)", __version__, address, port,
+                 settings.devices_dir.resolve())
+        if not settings.devices_dir.is_dir():
+            log.warning("device template folder %s does not exist", settings.devices_dir)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings(
+        uri=args.connect,
+        devices_dir=args.devices or default_devices_dir(),
+        call_timeout=args.call_timeout,
+    )
+    try:
+        asyncio.run(serve(settings, args.address, args.port))
+    except ApiError as err:
+        print(f"webvirt: error: {err.detail}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"webvirt: error: cannot listen on {args.address}:{args.port}: "
+              f"{err.strerror or err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0

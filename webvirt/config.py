@@ -1,0 +1,20 @@
+"""Server settings, filled by the command line (or by tests directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULT_STATIC_DIR = PACKAGE_DIR.parent / "static"
+
+
+@dataclass(frozen=True)
+class Settings:
+    uri: str | None = None
+    devices_dir: Path = Path("devices")
+    static_dir: Path = DEFAULT_STATIC_DIR
+    # Seconds one libvirt call may take before the request fails with 504.
+    call_timeout: float = 30.0
+    token: str | None = None
+    allowed_hosts: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,215 @@
+"""The one shared libvirt connection: opening it, calling it off the event loop, reconnecting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, TypeVar
+
+import libvirt
+import libvirtaio
+
+from webvirt.errors import ApiError, CallTimeout, Unavailable, from_libvirt, is_connection_error
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# libvirt prints every error to stderr unless a handler is set; we report errors ourselves.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+# Remote connections ping the daemon so a dead or frozen daemon is noticed within seconds.
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+RECONNECT_DELAYS_S = (0.2, 0.5, 1, 2, 5)
+
+
+class ConnectionListener(Protocol):
+    def connected(self, conn: libvirt.virConnect) -> None: ...
+
+    def disconnected(self, reason: str) -> None: ...
+
+
+def ensure_event_impl() -> None:
+    """Join libvirt's event loop to the running asyncio loop (libvirt allows one per process)."""
+    loop = asyncio.get_running_loop()
+    impl = libvirtaio.getCurrentImpl()
+    if impl is None:
+        libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
+    elif impl.loop is not loop:
+        raise RuntimeError(
+            "libvirt's event loop is already bound to another asyncio loop; "
+            "libvirt allows one event loop implementation per process"
+        )
+
+
+class Hypervisor:
+    """Owns the libvirt connection; every blocking call goes through `call` on a worker thread."""
+
+    def __init__(self, uri: str | None, *, call_timeout: float = 30.0, max_calls: int = 16):
+        self.uri = uri
+        self.call_timeout = call_timeout
+        self._conn: libvirt.virConnect | None = None
+        self._listeners: list[ConnectionListener] = []
+        self._executor = ThreadPoolExecutor(max_workers=max_calls, thread_name_prefix="libvirt")
+        # One slot per worker thread; a hung call keeps its slot, so hung calls cannot pile up
+        # and later callers time out waiting for a slot instead.
+        self._slots = asyncio.Semaphore(max_calls)
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def display_uri(self) -> str:
+        return self.uri or "libvirt's default URI"
+
+    def add_listener(self, listener: ConnectionListener) -> None:
+        self._listeners.append(listener)
+
+    async def open(self) -> None:
+        """Open the connection; raises Unavailable with libvirt's reason when it cannot."""
+        ensure_event_impl()
+        self._closing = False
+        conn = await self._open_connection()
+        self._adopt(conn)
+        log.info("connected to libvirt at %s", conn_uri(conn))
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnect_task
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.unregisterCloseCallback()
+            for listener in self._listeners:
+                listener.disconnected("server shutting down")
+            with contextlib.suppress(libvirt.libvirtError, CallTimeout):
+                await self._in_thread(conn.close, seconds=5)
+            del conn
+        # Free libvirt objects still held in reference cycles now, while their handles can
+        # still be released through the running loop, not at interpreter exit.
+        gc.collect()
+        await asyncio.sleep(0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def call(
+        self, fn: Callable[[libvirt.virConnect], T], seconds: float | None = None
+    ) -> T:
+        """Run fn(conn) on a worker thread; libvirt errors come back as ApiError."""
+        conn = self._conn
+        if conn is None:
+            raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
+        try:
+            return await self._in_thread(lambda: fn(conn), seconds=seconds)
+        except libvirt.libvirtError as err:
+            if is_connection_error(err):
+                self._lost(conn, f"call failed: {err.get_error_message()}")
+            error = from_libvirt(err)
+        # Raised outside the except block: a chained libvirtError's traceback would keep
+        # domain objects (and so the connection) alive in a reference cycle.
+        raise error
+
+    async def _in_thread(self, fn: Callable[[], T], *, seconds: float | None = None) -> T:
+        timeout = self.call_timeout if seconds is None else seconds
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._slots.acquire()
+                try:
+                    future: Future[T] = self._executor.submit(fn)
+                except BaseException:
+                    self._slots.release()
+                    raise
+                # The slot is freed when the thread returns, not when the caller gives up.
+                future.add_done_callback(lambda _f: _call_soon(loop, self._slots.release))
+                return await asyncio.wrap_future(future, loop=loop)
+        except TimeoutError:
+            raise CallTimeout(
+                f"libvirt did not answer within {timeout:g} s (is the daemon stuck?)"
+            ) from None
+
+    async def _open_connection(self) -> libvirt.virConnect:
+        try:
+            conn = await self._in_thread(lambda: libvirt.open(self.uri))
+            with contextlib.suppress(libvirt.libvirtError):
+                # Only remote connections support keepalive; local drivers refuse it.
+                await self._in_thread(
+                    lambda: conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+                )
+            return conn
+        except libvirt.libvirtError as err:
+            raise Unavailable(
+                f"cannot connect to libvirt at {self.display_uri}: {err.get_error_message()}"
+            ) from None
+
+    def _adopt(self, conn: libvirt.virConnect) -> None:
+        self._conn = conn
+        # The close callback runs on the event loop thread (libvirtaio dispatches it).
+        conn.registerCloseCallback(lambda c, reason, _o: self._lost(c, close_reason(reason)), None)
+        for listener in self._listeners:
+            listener.connected(conn)
+
+    def _lost(self, conn: libvirt.virConnect, reason: str) -> None:
+        if self._conn is not conn or self._closing:
+            return
+        log.warning("lost the libvirt connection (%s); reconnecting", reason)
+        self._conn = None
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+        for listener in self._listeners:
+            listener.disconnected(reason)
+        # Closing may block on a dead socket, so it happens off the loop and is not awaited.
+        self._executor.submit(_close_quietly, conn)
+        self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closing:
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            attempt += 1
+            try:
+                conn = await self._open_connection()
+            except ApiError as err:
+                log.debug("reconnect attempt %d failed: %s", attempt, err.detail)
+                continue
+            if self._closing:
+                _close_quietly(conn)
+                return
+            self._adopt(conn)
+            log.info("reconnected to libvirt at %s after %d attempt(s)", conn_uri(conn), attempt)
+            return
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is already closed
+        loop.call_soon_threadsafe(fn)
+
+
+def _close_quietly(conn: libvirt.virConnect) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
+
+
+def conn_uri(conn: libvirt.virConnect) -> str:
+    try:
+        return conn.getURI()
+    except libvirt.libvirtError:
+        return "?"
+
+
+def close_reason(reason: int) -> str:
+    return {
+        libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",
+        libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "daemon closed the connection",
+        libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "daemon stopped answering keepalives",
+        libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by client",
+    }.get(reason, f"reason {reason}")
