@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.libvirt_daemon import guest_xml
+from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 
 pytestmark = pytest.mark.qemu
 
@@ -80,3 +82,65 @@ async def test_invalid_device_xml_is_422(qemu_client: TestClient, qemu_conn: lib
     dom.create()
     response = await qemu_client.get("/api/0/attach/strict/nonsense?mode=bogus")
     assert response.status == 422, await response.text()
+
+
+async def next_json(ws: Any, seconds: float = 15) -> dict[str, Any]:
+    async with asyncio.timeout(seconds):
+        return json.loads((await ws.receive()).data)
+
+
+async def next_event(ws: Any, kind: str, seconds: float = 15) -> dict[str, Any]:
+    async with asyncio.timeout(seconds):
+        while True:
+            message = await next_json(ws)
+            if message["type"] == kind:
+                return message
+
+
+async def test_hotplug_events(qemu_client: TestClient, qemu_conn: libvirt.virConnect) -> None:
+    dom = qemu_conn.defineXML(guest_xml("hotplug"))
+    dom.create()
+    async with qemu_client.ws_connect("/api/0/events?domain=hotplug&type=device") as ws:
+        snapshot = await next_event(ws, "snapshot")
+        assert snapshot["domains"][0]["state"] == "running"
+
+        assert (await qemu_client.get("/api/0/attach/hotplug/usb_tablet")).status == 200
+        # libvirt's event comes during the call, webvirt's own after it: either order is fine.
+        first, second = await next_json(ws), await next_json(ws)
+        by_type = {first["type"]: first, second["type"]: second}
+        ours, added = by_type["attach"], by_type["device-added"]
+        assert (ours["template"], ours["result"]) == ("usb_tablet", "ok")
+        assert added["domain"] == "hotplug"
+        assert added["device"].startswith("input")
+
+        assert (await qemu_client.get("/api/0/detach/hotplug/usb_tablet")).status == 200
+        removed = await next_event(ws, "device-removed")
+        assert removed["device"] == added["device"]
+
+
+async def test_daemon_restart_is_survived(qemu_client: TestClient, qemu_conn: libvirt.virConnect,
+                                          libvirt_daemon: LibvirtDaemon) -> None:
+    dom = qemu_conn.defineXML(guest_xml("survivor"))
+    dom.create()
+    async with qemu_client.ws_connect("/api/0/events") as ws:
+        await next_event(ws, "snapshot")
+
+        libvirt_daemon.kill()
+        lost = await next_event(ws, "connection")
+        assert lost["state"] == "lost"
+        response = await qemu_client.get("/api/0/state/survivor")
+        assert response.status == 503
+        assert (await response.json())["code"] == "libvirt_unavailable"
+
+        libvirt_daemon.start()
+        restored = await next_event(ws, "connection", seconds=30)
+        assert restored["state"] == "restored"
+        snapshot = await next_event(ws, "snapshot")
+        assert snapshot["connected"] is True
+        # The guest kept running while the daemon was away.
+        assert {"name": "survivor", "state": "running"}.items() <= next(
+            d for d in snapshot["domains"] if d["name"] == "survivor").items()
+
+    response = await qemu_client.get("/api/0/state/survivor")
+    assert response.status == 200
+    assert await response.json() == "running"

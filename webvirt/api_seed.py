@@ -9,7 +9,8 @@ from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import __version__, domains
-from webvirt.appkeys import DOMAIN_LOCKS, HYPERVISOR, TEMPLATES
+from webvirt.appkeys import DOMAIN_LOCKS, EVENT_HUB, HYPERVISOR, TEMPLATES
+from webvirt.errors import ApiError
 from webvirt.schemas import (
     DeviceQuery,
     DeviceResult,
@@ -92,12 +93,22 @@ async def change_device(request: web.Request, action: str) -> web.Response:
     xml, variables = template.render(request.query)
     flags = domains.device_flags(live=bool(query["live"]), persistent=bool(query["persistent"]))
     operation = domains.attach if action == "attached" else domains.detach
-    with request.app[DOMAIN_LOCKS].hold(name):
-        await request.app[HYPERVISOR].call(partial(operation, name=name, xml=xml, flags=flags))
-    log.info("%s %s on %s %s", action, template.name, name, variables)
+    parameters = {k.lower(): v for k, v in variables.items()}
+    # Tell event clients which template did it: libvirt's own events only name an alias.
+    event = {"domain": name, "template": template.name, "variables": parameters}
+    hub = request.app[EVENT_HUB]
+    try:
+        with request.app[DOMAIN_LOCKS].hold(name):
+            await request.app[HYPERVISOR].call(
+                partial(operation, name=name, xml=xml, flags=flags))
+    except ApiError as err:
+        hub.publish(action.removesuffix("ed"), **event, result="error", error=err.detail)
+        raise
+    hub.publish(action.removesuffix("ed"), **event, result="ok")
+    log.info("%s %s on %s %s", action, template.name, name, parameters)
     return web.json_response({
         "device": action, "xml": xml, "domain": name, "template": template.name,
-        "variables": {k.lower(): v for k, v in variables.items()},
+        "variables": parameters,
     })
 
 

@@ -1,17 +1,28 @@
-"""The application factory."""
+"""The application factory and the start-up/clean-up of what the app owns."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from webvirt import api_seed
-from webvirt.appkeys import DOMAIN_LOCKS, HYPERVISOR, SETTINGS, TEMPLATES
+from webvirt import api_seed, stream
+from webvirt.appkeys import (
+    DOMAIN_LOCKS,
+    EVENT_HUB,
+    EVENT_SOURCE,
+    HYPERVISOR,
+    SETTINGS,
+    TEMPLATES,
+)
 from webvirt.config import Settings
 from webvirt.domains import DomainLocks
+from webvirt.events import EventHub
 from webvirt.hypervisor import Hypervisor
+from webvirt.libvirt_events import LibvirtEventSource
 from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
 from webvirt.templates import TemplateStore
@@ -26,15 +37,41 @@ async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
     await hypervisor.close()
 
 
+async def event_stream(app: web.Application) -> AsyncIterator[None]:
+    heartbeats = asyncio.create_task(send_heartbeats(app[EVENT_HUB], app[SETTINGS].heartbeat_s))
+    yield
+    heartbeats.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await heartbeats
+    await app[EVENT_SOURCE].unregister()
+
+
+async def send_heartbeats(hub: EventHub, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        hub.heartbeat()
+
+
+async def end_event_streams(app: web.Application) -> None:
+    # Streams never end by themselves; without this, shutdown waits for its timeout.
+    app[EVENT_HUB].end_all()
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[json_errors])
     app[SETTINGS] = settings
-    app[HYPERVISOR] = Hypervisor(settings.uri, call_timeout=settings.call_timeout)
+    app[HYPERVISOR] = hypervisor = Hypervisor(settings.uri, call_timeout=settings.call_timeout)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
     app[DOMAIN_LOCKS] = DomainLocks()
-    app.cleanup_ctx.append(libvirt_connection)
+    app[EVENT_HUB] = hub = EventHub()
+    app[EVENT_SOURCE] = source = LibvirtEventSource(hub, hypervisor)
+    hypervisor.add_listener(source)
+    # Entered in this order, left in reverse: callbacks go before the connection closes.
+    app.cleanup_ctx.extend([libvirt_connection, event_stream])
+    app.on_shutdown.append(end_event_streams)
 
     app.router.add_routes(api_seed.routes)
+    app.router.add_routes(stream.routes)
     app.router.add_static("/static/vendor", settings.static_dir / "vendor")
     setup_openapi(app)
     return app

@@ -28,7 +28,7 @@ RECONNECT_DELAYS_S = (0.2, 0.5, 1, 2, 5)
 
 
 class ConnectionListener(Protocol):
-    def connected(self, conn: libvirt.virConnect) -> None: ...
+    async def connected(self, conn: libvirt.virConnect) -> None: ...
 
     def disconnected(self, reason: str) -> None: ...
 
@@ -77,7 +77,7 @@ class Hypervisor:
         ensure_event_impl()
         self._closing = False
         conn = await self._open_connection()
-        self._adopt(conn)
+        await self._adopt(conn)
         log.info("connected to libvirt at %s", conn_uri(conn))
 
     async def close(self) -> None:
@@ -93,7 +93,7 @@ class Hypervisor:
             for listener in self._listeners:
                 listener.disconnected("server shutting down")
             with contextlib.suppress(libvirt.libvirtError, CallTimeout):
-                await self._in_thread(conn.close, seconds=5)
+                await self.run_blocking(conn.close, seconds=5)
             del conn
         # Free libvirt objects still held in reference cycles now, while their handles can
         # still be released through the running loop, not at interpreter exit.
@@ -109,7 +109,7 @@ class Hypervisor:
         if conn is None:
             raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
         try:
-            return await self._in_thread(lambda: fn(conn), seconds=seconds)
+            return await self.run_blocking(lambda: fn(conn), seconds=seconds)
         except libvirt.libvirtError as err:
             if is_connection_error(err):
                 self._lost(conn, f"call failed: {err.get_error_message()}")
@@ -118,7 +118,7 @@ class Hypervisor:
         # domain objects (and so the connection) alive in a reference cycle.
         raise error
 
-    async def _in_thread(self, fn: Callable[[], T], *, seconds: float | None = None) -> T:
+    async def run_blocking(self, fn: Callable[[], T], *, seconds: float | None = None) -> T:
         timeout = self.call_timeout if seconds is None else seconds
         loop = asyncio.get_running_loop()
         try:
@@ -139,10 +139,10 @@ class Hypervisor:
 
     async def _open_connection(self) -> libvirt.virConnect:
         try:
-            conn = await self._in_thread(lambda: libvirt.open(self.uri))
+            conn = await self.run_blocking(lambda: libvirt.open(self.uri))
             with contextlib.suppress(libvirt.libvirtError):
                 # Only remote connections support keepalive; local drivers refuse it.
-                await self._in_thread(
+                await self.run_blocking(
                     lambda: conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
                 )
             return conn
@@ -151,20 +151,20 @@ class Hypervisor:
                 f"cannot connect to libvirt at {self.display_uri}: {err.get_error_message()}"
             ) from None
 
-    def _adopt(self, conn: libvirt.virConnect) -> None:
+    async def _adopt(self, conn: libvirt.virConnect) -> None:
         self._conn = conn
         # The close callback runs on the event loop thread (libvirtaio dispatches it).
         conn.registerCloseCallback(lambda c, reason, _o: self._lost(c, close_reason(reason)), None)
         for listener in self._listeners:
-            listener.connected(conn)
+            await listener.connected(conn)
 
     def _lost(self, conn: libvirt.virConnect, reason: str) -> None:
         if self._conn is not conn or self._closing:
             return
         log.warning("lost the libvirt connection (%s); reconnecting", reason)
         self._conn = None
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.unregisterCloseCallback()
+        # No unregisterCloseCallback here: this may run inside that callback, which holds the
+        # connection's lock (a deadlock). A stale connection's callback is ignored above.
         for listener in self._listeners:
             listener.disconnected(reason)
         # Closing may block on a dead socket, so it happens off the loop and is not awaited.
@@ -184,7 +184,12 @@ class Hypervisor:
             if self._closing:
                 _close_quietly(conn)
                 return
-            self._adopt(conn)
+            try:
+                await self._adopt(conn)
+            except (ApiError, libvirt.libvirtError) as err:
+                log.debug("reconnect attempt %d failed while setting up: %s", attempt, err)
+                self._lost(conn, "failed while setting up")
+                return  # _lost started a new reconnect task
             log.info("reconnected to libvirt at %s after %d attempt(s)", conn_uri(conn), attempt)
             return
 

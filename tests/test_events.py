@@ -1,0 +1,162 @@
+"""The event stream with real WebSocket and SSE clients, on libvirt's test driver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import ClientFactory
+from webvirt.appkeys import EVENT_HUB
+from webvirt.events import QUEUE_LIMIT
+from webvirt.stream import CLOSE_LAGGING
+
+
+async def next_json(ws: aiohttp.ClientWebSocketResponse, seconds: float = 5) -> dict[str, Any]:
+    message = await ws.receive(timeout=seconds)
+    assert message.type == aiohttp.WSMsgType.TEXT, message
+    return json.loads(message.data)
+
+
+async def next_of_type(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+    while True:
+        message = await next_json(ws)
+        if message["type"] == kind:
+            return message
+
+
+async def test_snapshot_first_then_lifecycle_events(client: TestClient) -> None:
+    async with client.ws_connect("/api/0/events") as ws:
+        snapshot = await next_json(ws)
+        assert snapshot["type"] == "snapshot"
+        assert snapshot["connected"] is True
+        states = {d["name"]: d["state"] for d in snapshot["domains"]}
+        assert states == {"win11": "shutoff", "linux-dev": "running", "media-server": "paused"}
+        assert all(len(d["uuid"]) == 36 for d in snapshot["domains"])
+
+        assert (await client.get("/api/0/start/win11")).status == 200
+        event = await next_json(ws)
+        assert event["type"] == "lifecycle"
+        assert (event["domain"], event["event"], event["detail"], event["state"]) == (
+            "win11", "started", "booted", "running")
+        assert event["seq"] > snapshot["seq"]
+        assert isinstance(event["time"], float)
+
+        assert (await client.get("/api/0/shutdown/win11")).status == 200
+        stopped = await next_of_type(ws, "lifecycle")
+        while stopped["event"] != "stopped":
+            stopped = await next_of_type(ws, "lifecycle")
+        assert (stopped["detail"], stopped["state"]) == ("shutdown", "shutoff")
+        assert stopped["seq"] > event["seq"]
+
+
+async def test_new_clients_see_the_current_state(client: TestClient) -> None:
+    assert (await client.get("/api/0/start/win11")).status == 200
+    async with client.ws_connect("/api/0/events?domain=win11") as ws:
+        snapshot = await next_json(ws)
+        assert snapshot["domains"] == [{"name": "win11", "uuid": snapshot["domains"][0]["uuid"],
+                                        "state": "running"}]
+
+
+async def test_domain_filter(client: TestClient) -> None:
+    async with client.ws_connect("/api/0/events?domain=linux-dev") as ws:
+        snapshot = await next_json(ws)
+        assert [d["name"] for d in snapshot["domains"]] == ["linux-dev"]
+        await client.get("/api/0/start/win11")  # filtered out
+        await client.get("/api/0/shutdown/linux-dev")
+        event = await next_of_type(ws, "lifecycle")
+        assert event["domain"] == "linux-dev"
+
+
+async def test_type_filter_and_webvirts_own_device_events(client: TestClient) -> None:
+    async with client.ws_connect("/api/0/events?type=device") as ws:
+        await next_json(ws)  # snapshot
+        await client.get("/api/0/start/win11")  # a lifecycle event: filtered out
+        response = await client.get("/api/0/attach/win11/usb?vendor_id=046d&product_id=c52b")
+        assert response.status == 501  # the test driver cannot attach
+        event = await next_json(ws)
+        assert event["type"] == "attach"
+        assert event["domain"] == "win11"
+        assert event["template"] == "usb"
+        assert event["variables"] == {"vendor_id": "046d", "product_id": "c52b"}
+        assert event["result"] == "error"
+        assert "not supported" in event["error"]
+
+
+async def test_unknown_type_filter_is_400(client: TestClient) -> None:
+    response = await client.get("/api/0/events?type=lifecycle,bogus",
+                                headers={"Accept": "text/event-stream"})
+    assert response.status == 400
+    assert "bogus" in (await response.json())["detail"]
+
+
+async def test_plain_get_is_406(client: TestClient) -> None:
+    response = await client.get("/api/0/events")
+    assert response.status == 406
+    assert "text/event-stream" in (await response.json())["detail"]
+
+
+async def test_server_sent_events(client: TestClient) -> None:
+    response = await client.get("/api/0/events", headers={"Accept": "text/event-stream"})
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+
+    async def next_event() -> dict[str, Any]:
+        line = await asyncio.wait_for(response.content.readline(), 5)
+        assert line.startswith(b"data: "), line
+        assert await response.content.readline() == b"\n"
+        return json.loads(line[len(b"data: "):])
+
+    assert (await next_event())["type"] == "snapshot"
+    await client.get("/api/0/shutdown/linux-dev")
+    event = await next_event()
+    assert (event["type"], event["domain"], event["state"]) == ("lifecycle", "linux-dev",
+                                                                 "shutoff")
+    response.close()
+
+
+async def test_heartbeats(make_client: ClientFactory) -> None:
+    client = await make_client(heartbeat_s=0.05)
+    async with client.ws_connect("/api/0/events") as ws:
+        await next_json(ws)
+        beat = await next_json(ws)
+        assert beat["type"] == "heartbeat"
+        assert beat["connected"] is True
+        assert beat["clients"] == 1
+
+
+async def test_a_client_that_falls_behind_is_told_and_dropped_alone(client: TestClient) -> None:
+    hub = client.app[EVENT_HUB]
+    async with client.ws_connect("/api/0/events") as flooded, \
+            client.ws_connect("/api/0/events?domain=win11") as calm:
+        await next_json(calm)
+        # One burst in one loop turn: the flooded client's queue overflows before any send.
+        for n in range(QUEUE_LIMIT + 10):
+            hub.publish("reboot", domain="linux-dev", uuid="x", n=n)
+        assert hub.client_count == 2
+
+        seen = []
+        while True:
+            message = await flooded.receive(timeout=5)
+            if message.type != aiohttp.WSMsgType.TEXT:
+                break
+            seen.append(json.loads(message.data)["type"])
+        assert seen[-1] == "lagging"
+        assert flooded.close_code == CLOSE_LAGGING
+
+        # The other client was not affected and still gets its events.
+        await client.get("/api/0/start/win11")
+        event = await next_of_type(calm, "lifecycle")
+        assert event["domain"] == "win11"
+
+
+async def test_clients_are_closed_when_the_server_stops(make_client: ClientFactory) -> None:
+    client = await make_client()
+    ws = await client.ws_connect("/api/0/events")
+    await next_json(ws)
+    await asyncio.wait_for(client.close(), 10)
+    message = await ws.receive(timeout=5)
+    assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

@@ -1,0 +1,131 @@
+"""GET /api/0/events: the live event stream, as a WebSocket or as Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import WSCloseCode, web
+from aiohttp_apigami import docs
+
+from webvirt.appkeys import EVENT_HUB, SETTINGS
+from webvirt.errors import ApiError
+from webvirt.events import EventFilter, EventHub, Signal, Subscription
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+# A private-use close code: "you fell behind and were dropped; reconnect".
+CLOSE_LAGGING = 4000
+LAGGING_TEXT = json.dumps({
+    "type": "lagging",
+    "detail": "client fell behind the event stream and is disconnected; reconnect for a "
+              "fresh snapshot",
+})
+
+
+@routes.get("/api/0/events", allow_head=False)
+@docs(
+    tags=["events"],
+    summary="Live event stream (WebSocket or Server-Sent Events)",
+    description=(
+        "Open a WebSocket, or send `Accept: text/event-stream` for Server-Sent Events. "
+        "The first message is a snapshot of every domain, then events follow as JSON, each "
+        "with `seq` and `time`. Filters: `domain=a,b` and "
+        "`type=lifecycle,device,host,connection` (or exact event types)."
+    ),
+    parameters=[
+        {"in": "query", "name": "domain", "schema": {"type": "string"}, "required": False,
+         "description": "Comma-separated domain names"},
+        {"in": "query", "name": "type", "schema": {"type": "string"}, "required": False,
+         "description": "Comma-separated categories or event types"},
+    ],
+    responses={
+        200: {"description": "An endless text/event-stream"},
+        101: {"description": "Switching to the WebSocket protocol"},
+        400: {"description": "Unknown event type in the filter"},
+        406: {"description": "Neither a WebSocket upgrade nor Accept: text/event-stream"},
+    },
+)
+async def events(request: web.Request) -> web.StreamResponse:
+    event_filter = EventFilter.from_query(request.query)
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await serve_websocket(request, event_filter)
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return await serve_sse(request, event_filter)
+    raise ApiError("open a WebSocket, or ask for Accept: text/event-stream", status=406,
+                   code="not_acceptable")
+
+
+@contextlib.asynccontextmanager
+async def subscribed(hub: EventHub, event_filter: EventFilter,
+                     peer: str | None) -> AsyncIterator[Subscription]:
+    subscription = hub.subscribe(event_filter)
+    log.info("event client %s connected (%d clients)", peer, hub.client_count)
+    try:
+        yield subscription
+    finally:
+        hub.unsubscribe(subscription)
+        log.info("event client %s left (%d clients)", peer, hub.client_count)
+
+
+async def pump(subscription: Subscription, send: Callable[[str], Awaitable[None]]) -> Signal:
+    """Send queued messages until the server ends the stream or the client lags behind."""
+    while True:
+        item = await subscription.queue.get()
+        if isinstance(item, Signal):
+            return item
+        await send(item)
+
+
+async def serve_websocket(request: web.Request, event_filter: EventFilter) -> web.WebSocketResponse:
+    heartbeat = request.app[SETTINGS].heartbeat_s
+    ws = web.WebSocketResponse(heartbeat=heartbeat)
+    await ws.prepare(request)
+    hub = request.app[EVENT_HUB]
+    async with subscribed(hub, event_filter, request.remote) as subscription:
+        sender = asyncio.ensure_future(pump(subscription, ws.send_str))
+        # Reading is what notices a client that went away; clients have nothing to say.
+        reader = asyncio.ensure_future(_drain_incoming(ws))
+        await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+        reader.cancel()
+        if sender.done() and not sender.cancelled() and sender.exception() is None:
+            if sender.result() is Signal.END:
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+            else:
+                log.warning("event client %s fell behind; dropped", request.remote)
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1):
+                        await ws.send_str(LAGGING_TEXT)
+                await ws.close(code=CLOSE_LAGGING, message=b"client fell behind")
+        else:
+            sender.cancel()
+    return ws
+
+
+async def _drain_incoming(ws: web.WebSocketResponse) -> None:
+    async for _message in ws:
+        pass
+
+
+async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.StreamResponse:
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",  # proxies must not hold events back
+    })
+    await response.prepare(request)
+    hub = request.app[EVENT_HUB]
+
+    async def send(text: str) -> None:
+        await response.write(f"data: {text}\n\n".encode())
+
+    async with subscribed(hub, event_filter, request.remote) as subscription:
+        with contextlib.suppress(ConnectionResetError, ConnectionError):
+            if await pump(subscription, send) is Signal.LAGGING:
+                log.warning("event client %s fell behind; dropped", request.remote)
+                await send(LAGGING_TEXT)
+    return response
