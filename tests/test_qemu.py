@@ -144,3 +144,58 @@ async def test_daemon_restart_is_survived(qemu_client: TestClient, qemu_conn: li
     response = await qemu_client.get("/api/0/state/survivor")
     assert response.status == 200
     assert await response.json() == "running"
+
+
+async def test_shutdown_force_after_timeout(qemu_client: TestClient,
+                                            qemu_conn: libvirt.virConnect) -> None:
+    dom = qemu_conn.defineXML(guest_xml("stubborn"))
+    dom.create()
+    # The diskless guest ignores ACPI: waiting runs out, force turns it off.
+    response = await qemu_client.get("/api/0/shutdown/stubborn?wait=1&timeout=0.5")
+    assert await response.json() == "still running"
+    assert dom.isActive()
+    response = await qemu_client.post("/api/0/shutdown/stubborn?timeout=0.5&force=1")
+    assert await response.json() == "forced off"
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+
+
+async def test_toggle_and_device_listing(qemu_client: TestClient,
+                                         qemu_conn: libvirt.virConnect) -> None:
+    dom = qemu_conn.defineXML(guest_xml("toggler"))
+    dom.create()
+    response = await qemu_client.get("/api/0/toggle/toggler/usb_tablet")
+    assert (await response.json())["device"] == "attached"
+    assert tablets(dom) == 1
+    response = await qemu_client.get("/api/0/toggle/toggler/usb_tablet")
+    assert (await response.json())["device"] == "detached"
+    for _ in range(50):
+        if tablets(dom) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert tablets(dom) == 0
+    # No host devices passed through; the listing is a real (empty) answer.
+    response = await qemu_client.get("/api/0/devices/toggler")
+    assert response.status == 200
+    assert await response.json() == []
+
+
+async def test_reset_is_seen_as_a_reboot_event(qemu_client: TestClient,
+                                               qemu_conn: libvirt.virConnect) -> None:
+    dom = qemu_conn.defineXML(guest_xml("resetter"))
+    dom.create()
+    async with qemu_client.ws_connect("/api/0/events?domain=resetter&type=lifecycle") as ws:
+        await next_event(ws, "snapshot")
+        assert await (await qemu_client.post("/api/0/reset/resetter")).json() == "reset"
+        event = await next_event(ws, "reboot")
+        assert event["domain"] == "resetter"
+
+
+async def test_host_inventory_from_the_real_node_device_driver(qemu_client: TestClient) -> None:
+    response = await qemu_client.get("/api/0/host/devices")
+    assert response.status == 200, await response.text()
+    devices = await response.json()
+    assert isinstance(devices, list)
+    for device in devices:  # whatever this machine has, each entry is complete
+        assert device["type"] in ("usb", "pci")
+        assert device["held_by"] == []
+        assert device["address"]

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from webvirt import api_seed, stream
+from webvirt import api_devices, api_domains, api_server, stream
 from webvirt.appkeys import (
     DOMAIN_LOCKS,
     EVENT_HUB,
@@ -70,8 +70,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([libvirt_connection, event_stream])
     app.on_shutdown.append(end_event_streams)
 
-    app.router.add_routes(api_seed.routes)
-    app.router.add_routes(stream.routes)
+    for module in (api_domains, api_devices, api_server, stream):
+        app.router.add_routes(module.routes)
     app.router.add_static("/static/vendor", settings.static_dir / "vendor")
     setup_openapi(app)
     return app

@@ -71,6 +71,40 @@ def shutdown(conn: libvirt.virConnect, name: str) -> str:
     return "shutting down"
 
 
+def reboot(conn: libvirt.virConnect, name: str) -> str:
+    lookup(conn, name).reboot(0)  # libvirt refuses (409) when the domain is not running
+    return "rebooting"
+
+
+def destroy(conn: libvirt.virConnect, name: str) -> str:
+    dom = lookup(conn, name)
+    if not dom.isActive():
+        return "not running"
+    dom.destroy()
+    return "forced off"
+
+
+def reset(conn: libvirt.virConnect, name: str) -> str:
+    lookup(conn, name).reset(0)
+    return "reset"
+
+
+def suspend(conn: libvirt.virConnect, name: str) -> str:
+    dom = lookup(conn, name)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        return "already paused"
+    dom.suspend()
+    return "paused"
+
+
+def resume(conn: libvirt.virConnect, name: str) -> str:
+    dom = lookup(conn, name)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
+        return "already running"
+    dom.resume()
+    return "resumed"
+
+
 def device_flags(*, live: bool, persistent: bool) -> int:
     flags = 0
     if live:
@@ -82,6 +116,12 @@ def device_flags(*, live: bool, persistent: bool) -> int:
 
 def attach(conn: libvirt.virConnect, name: str, xml: str, flags: int) -> None:
     lookup(conn, name).attachDeviceFlags(xml, flags)
+
+
+def xml_for(conn: libvirt.virConnect, name: str, *, live: bool) -> str:
+    """The live definition, or the saved one (what a persistent-only change would edit)."""
+    dom = lookup(conn, name)
+    return dom.XMLDesc(0 if live and dom.isActive() else libvirt.VIR_DOMAIN_XML_INACTIVE)
 
 
 def detach(conn: libvirt.virConnect, name: str, xml: str, flags: int) -> None:

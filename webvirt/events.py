@@ -12,7 +12,7 @@ import enum
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,7 @@ class EventHub:
         self.connected = False
         self.domains: dict[str, dict[str, str]] = {}  # name -> {name, uuid, state}
         self._subscriptions: set[Subscription] = set()
+        self._watchers: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[None]]] = []
 
     @property
     def client_count(self) -> int:
@@ -116,7 +117,26 @@ class EventHub:
         for subscription in self._subscriptions:
             if subscription.filter.wants(kind, domain):
                 subscription.offer(text)
+        if self._watchers:
+            self._notify_watchers(message)
         return message
+
+    def watch(self, predicate: Callable[[dict[str, Any]], bool]) -> asyncio.Future[None]:
+        """A future that completes at the first published event the predicate accepts."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watchers.append((predicate, future))
+        return future
+
+    def _notify_watchers(self, message: dict[str, Any]) -> None:
+        waiting = []
+        for predicate, future in self._watchers:
+            if future.done():
+                continue  # its waiter gave up
+            if predicate(message):
+                future.set_result(None)
+            else:
+                waiting.append((predicate, future))
+        self._watchers = waiting
 
     def subscribe(self, event_filter: EventFilter) -> Subscription:
         subscription = Subscription(event_filter)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
+from marshmallow.validate import Range
 
 from webvirt.errors import ApiError
 
@@ -70,3 +71,67 @@ def parse_query(request: web.Request, schema: type[Schema]) -> dict[str, object]
     except ValidationError as err:
         problems = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in err.messages.items())
         raise ApiError(f"bad query parameter: {problems}", code="bad_parameter") from None
+
+
+class WaitQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    wait = fields.Bool(load_default=False,
+                       metadata={"description": "Wait for the outcome before answering"})
+    timeout = fields.Float(
+        load_default=60.0, validate=Range(min=0, max=3600),
+        metadata={"description": "Seconds to wait (default 60, at most 3600)"},
+    )
+
+
+class RebootQuery(WaitQuery):
+    pass
+
+
+class ShutdownQuery(WaitQuery):
+    force = fields.Bool(
+        load_default=False,
+        metadata={"description": "Force the domain off if it has not shut down in time"},
+    )
+
+
+class DomainSummary(Schema):
+    name = fields.Str(required=True)
+    uuid = fields.Str(required=True)
+    state = fields.Str(required=True, metadata={
+        "description": "nostate, running, blocked, paused, shutdown, shutoff, crashed or "
+                       "pmsuspended"})
+    vcpus = fields.Int(required=True)
+    memory_kib = fields.Int(required=True)
+    autostart = fields.Bool(required=True)
+    persistent = fields.Bool(required=True)
+
+
+class HostDevice(Schema):
+    type = fields.Str(required=True, metadata={"description": "usb or pci"})
+    mode = fields.Str(allow_none=True)
+    alias = fields.Str(allow_none=True, metadata={"description": "libvirt's alias (live only)"})
+    vendor_id = fields.Str(allow_none=True)
+    product_id = fields.Str(allow_none=True)
+    address = fields.Str(allow_none=True,
+                         metadata={"description": "USB bus:device or PCI 0000:0f:00.0"})
+
+
+class NodeDevice(Schema):
+    name = fields.Str(required=True, metadata={"description": "libvirt's node device name"})
+    type = fields.Str(required=True, metadata={"description": "usb or pci"})
+    vendor_id = fields.Str(allow_none=True)
+    vendor = fields.Str(allow_none=True)
+    product_id = fields.Str(allow_none=True)
+    product = fields.Str(allow_none=True)
+    address = fields.Str(allow_none=True)
+    iommu_group = fields.Int(allow_none=True, metadata={"description": "PCI only"})
+    held_by = fields.List(fields.Str(), required=True)
+
+
+class TemplateInfo(Schema):
+    name = fields.Str(required=True)
+    variables = fields.List(fields.Str(), required=True,
+                            metadata={"description": "Query parameters the template needs"})
+    error = fields.Str(metadata={"description": "Why the template cannot be used"})

@@ -1,0 +1,162 @@
+"""Devices: the seed's attach/detach from templates, toggle, what a domain holds, the
+templates, and the host's USB/PCI devices with who holds them."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import libvirt
+from aiohttp import web
+from aiohttp_apigami import docs, match_info_schema, querystring_schema
+
+from webvirt import device_xml, domains
+from webvirt.appkeys import DOMAIN_LOCKS, EVENT_HUB, HYPERVISOR, TEMPLATES
+from webvirt.errors import ApiError
+from webvirt.schemas import (
+    DeviceQuery,
+    DeviceResult,
+    DomainPath,
+    HostDevice,
+    NodeDevice,
+    TemplateInfo,
+    TemplatePath,
+    error_responses,
+    parse_query,
+)
+from webvirt.templates import DeviceTemplate
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+TEMPLATE_DESCRIPTION = (
+    "Fills devices/{xml_name}.xml: every $UPPER_CASE variable takes the value of the query "
+    "parameter of the same name, case-insensitively (vendor_id fills $VENDOR_ID). Values are "
+    "XML-escaped. `live` and `persistent` are reserved: they choose what is changed."
+)
+DEVICE_ERRORS = error_responses(400, 403, 404, 409, 422, 501, 503, 504)
+
+
+def device_docs(summary: str, extra: str = "") -> Any:
+    return docs(tags=["devices"], summary=summary, description=TEMPLATE_DESCRIPTION + extra,
+                responses={200: {"description": "Done", "schema": DeviceResult},
+                           **DEVICE_ERRORS})
+
+
+async def change_device(request: web.Request, action: str | None) -> web.Response:
+    """Attach ("attach"), detach ("detach"), or whichever of the two applies (None: toggle)."""
+    name = request.match_info["domain"]
+    template: DeviceTemplate = request.app[TEMPLATES].load(request.match_info["xml_name"])
+    query = parse_query(request, DeviceQuery)
+    xml, variables = template.render(request.query)
+    live, persistent = bool(query["live"]), bool(query["persistent"])
+    flags = domains.device_flags(live=live, persistent=persistent)
+    parameters = {k.lower(): v for k, v in variables.items()}
+    hypervisor, hub = request.app[HYPERVISOR], request.app[EVENT_HUB]
+    event = {"domain": name, "template": template.name, "variables": parameters}
+    with request.app[DOMAIN_LOCKS].hold(name):
+        try:
+            if action is None:
+                current = await hypervisor.call(partial(domains.xml_for, name=name, live=live))
+                action = "detach" if device_xml.has_device(current, xml) else "attach"
+            operation = domains.attach if action == "attach" else domains.detach
+            await hypervisor.call(partial(operation, name=name, xml=xml, flags=flags))
+        except ApiError as err:
+            # Tell event clients which template it was: libvirt's events only name an alias.
+            hub.publish(action or "attach", **event, result="error", error=err.detail)
+            raise
+    hub.publish(action, **event, result="ok")
+    log.info("%s %s on %s %s", action, template.name, name, parameters)
+    return web.json_response({"device": f"{action}ed", "xml": xml, "domain": name,
+                              "template": template.name, "variables": parameters})
+
+
+@routes.get("/api/0/attach/{domain}/{xml_name}", allow_head=False)
+@routes.post("/api/0/attach/{domain}/{xml_name}")
+@device_docs("Attach host device")
+@match_info_schema(TemplatePath)
+@querystring_schema(DeviceQuery)
+async def attach(request: web.Request) -> web.Response:
+    return await change_device(request, "attach")
+
+
+@routes.get("/api/0/detach/{domain}/{xml_name}", allow_head=False)
+@routes.post("/api/0/detach/{domain}/{xml_name}")
+@device_docs("Detach host device")
+@match_info_schema(TemplatePath)
+@querystring_schema(DeviceQuery)
+async def detach(request: web.Request) -> web.Response:
+    return await change_device(request, "detach")
+
+
+@routes.get("/api/0/toggle/{domain}/{xml_name}", allow_head=False)
+@routes.post("/api/0/toggle/{domain}/{xml_name}")
+@device_docs("Toggle host device (attach if absent, detach if present)",
+             " Host devices are matched by USB vendor/product (or address) and PCI address;"
+             " other devices by element name and the template's attributes.")
+@match_info_schema(TemplatePath)
+@querystring_schema(DeviceQuery)
+async def toggle(request: web.Request) -> web.Response:
+    return await change_device(request, None)
+
+
+@routes.get("/api/0/devices/{domain}", allow_head=False)
+@docs(
+    tags=["devices"],
+    summary="List a domain's host devices",
+    description="USB and PCI host devices in the domain's live definition (saved definition "
+    "when it is shut off).",
+    responses={200: {"description": "Host devices", "schema": HostDevice(many=True)},
+               **error_responses(404, 503, 504)},
+)
+@match_info_schema(DomainPath)
+async def domain_devices(request: web.Request) -> web.Response:
+    name = request.match_info["domain"]
+    xml = await request.app[HYPERVISOR].call(partial(domains.xml_for, name=name, live=True))
+    return web.json_response(device_xml.hostdevs(xml))
+
+
+@routes.get("/api/0/templates", allow_head=False)
+@docs(
+    tags=["devices"],
+    summary="List device templates",
+    description="Every devices/NAME.xml with the query parameters it needs.",
+    responses={200: {"description": "Templates, by name", "schema": TemplateInfo(many=True)}},
+)
+async def list_templates(request: web.Request) -> web.Response:
+    store = request.app[TEMPLATES]
+    listing = []
+    for name in store.names():
+        try:
+            variables = [v.lower() for v in store.load(name).variables]
+            listing.append({"name": name, "variables": variables})
+        except ApiError as err:
+            listing.append({"name": name, "variables": [], "error": err.detail})
+    return web.json_response(listing)
+
+
+def host_inventory(conn: libvirt.virConnect) -> list[dict[str, Any]]:
+    """Blocking: host USB and PCI devices, each with the domains whose definition holds it."""
+    flags = (libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_USB_DEV
+             | libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV)
+    devices = [d for d in (device_xml.node_device(n.XMLDesc()) for n in
+                           conn.listAllDevices(flags)) if d is not None]
+    held = [(dom.name(), device_xml.hostdevs(dom.XMLDesc())) for dom in conn.listAllDomains()]
+    for device in devices:
+        device["held_by"] = sorted(name for name, hostdevs in held
+                                   if any(device_xml.holds(h, device) for h in hostdevs))
+    return sorted(devices, key=lambda d: (d["type"], d["address"] or ""))
+
+
+@routes.get("/api/0/host/devices", allow_head=False)
+@docs(
+    tags=["host"],
+    summary="List host USB and PCI devices",
+    description="The host's USB and PCI devices (libvirt node devices) with vendor and "
+    "product names, the PCI IOMMU group, and the domains whose definition holds each.",
+    responses={200: {"description": "Host devices", "schema": NodeDevice(many=True)},
+               **error_responses(501, 503, 504)},
+)
+async def host_devices(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[HYPERVISOR].call(host_inventory))

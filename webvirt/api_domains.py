@@ -1,0 +1,203 @@
+"""Domains and their power: the seed's state/start/shutdown, plus list, reboot, force off,
+reset, suspend and resume. Actions answer with a JSON string saying what happened, as the
+seed's did, and take GET (Stream Deck buttons) as well as POST."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import libvirt
+from aiohttp import web
+from aiohttp_apigami import docs, match_info_schema, querystring_schema
+
+from webvirt import domains
+from webvirt.appkeys import DOMAIN_LOCKS, EVENT_HUB, HYPERVISOR
+from webvirt.schemas import (
+    DomainPath,
+    DomainSummary,
+    RebootQuery,
+    ShutdownQuery,
+    error_responses,
+    parse_query,
+    string_enum,
+)
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+Operation = Callable[[libvirt.virConnect, str], str]
+
+
+def action_routes(action: str) -> Callable[[Any], Any]:
+    """GET and POST /api/0/{action}/{domain} for one handler."""
+    path = f"/api/0/{action}/{{domain}}"
+
+    def register(handler: Any) -> Any:
+        routes.get(path, allow_head=False)(handler)
+        routes.post(path)(handler)
+        return handler
+
+    return register
+
+
+async def run_action(request: web.Request, action: str, operation: Operation,
+                     *, exclusive: bool = True) -> str:
+    name = request.match_info["domain"]
+    with request.app[DOMAIN_LOCKS].hold(name) if exclusive else contextlib.nullcontext():
+        result = await request.app[HYPERVISOR].call(partial(operation, name=name))
+    log.info("%s %s: %s", action, name, result)
+    return result
+
+
+@routes.get("/api/0/state/{domain}", allow_head=False)
+@docs(
+    tags=["domains"],
+    summary="Get domain state",
+    description="The domain state as the seed's text, e.g. \"running\" or \"shut off\" "
+    "(see libvirt's virDomainState).",
+    responses={200: {"description": "State text",
+                     "schema": string_enum(*domains.SEED_STATE_TEXT.values())},
+               **error_responses(404, 503, 504)},
+)
+@match_info_schema(DomainPath)
+async def get_state(request: web.Request) -> web.Response:
+    name = request.match_info["domain"]
+    code = await request.app[HYPERVISOR].call(partial(domains.state, name=name))
+    return web.json_response(domains.SEED_STATE_TEXT.get(code, ""))
+
+
+@routes.get("/api/0/domains", allow_head=False)
+@docs(
+    tags=["domains"],
+    summary="List domains",
+    description="Every domain with its state, UUID, vCPUs, memory, autostart and persistence.",
+    responses={200: {"description": "Domains, by name", "schema": DomainSummary(many=True)},
+               **error_responses(503, 504)},
+)
+async def list_domains(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[HYPERVISOR].call(domains.list_summaries))
+
+
+# Actions that are done when libvirt returns: (operation, summary, answers, takes the lock).
+SIMPLE_ACTIONS: dict[str, tuple[Operation, str, tuple[str, ...], bool]] = {
+    "start": (domains.start, "Start domain", ("starting", "already running"), True),
+    "destroy": (domains.destroy, "Force off (destroy) domain", ("forced off", "not running"),
+                # Force off must work even while a slow action holds the domain.
+                False),
+    "reset": (domains.reset, "Reset domain (hard reset, like the reset button)", ("reset",),
+              True),
+    "suspend": (domains.suspend, "Pause domain", ("paused", "already paused"), True),
+    "resume": (domains.resume, "Resume paused domain", ("resumed", "already running"), True),
+}
+
+
+def simple_action(action: str, operation: Operation, summary: str, answers: tuple[str, ...],
+                  exclusive: bool) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(await run_action(request, action, operation,
+                                                  exclusive=exclusive))
+
+    handler.__name__ = action
+    decorated = docs(
+        tags=["power"],
+        summary=summary,
+        responses={200: {"description": "What happened", "schema": string_enum(*answers)},
+                   **error_responses(404, 409, 501, 503, 504)},
+    )(match_info_schema(DomainPath)(handler))
+    action_routes(action)(decorated)
+
+
+for _action, (_operation, _summary, _answers, _exclusive) in SIMPLE_ACTIONS.items():
+    simple_action(_action, _operation, _summary, _answers, _exclusive)
+
+
+async def wait_for_event(request: web.Request, accept: Callable[[dict[str, Any]], bool],
+                         act: Callable[[], Any], seconds: float,
+                         nothing_to_wait_for: str | None = None) -> tuple[Any, bool]:
+    """Run act() and wait up to `seconds` for a matching event, unless act() answered
+    `nothing_to_wait_for`. Watching starts first so a fast event is not missed."""
+    watched = request.app[EVENT_HUB].watch(accept)
+    try:
+        result = await act()
+        if result == nothing_to_wait_for:
+            return result, True
+        try:
+            async with asyncio.timeout(seconds):
+                await asyncio.shield(watched)
+            return result, True
+        except TimeoutError:
+            return result, False
+    finally:
+        watched.cancel()
+
+
+@action_routes("shutdown")
+@docs(
+    tags=["power"],
+    summary="Shutdown domain",
+    description=(
+        "Asks the guest to shut down (ACPI). Without parameters it answers at once: "
+        "\"shutting down\", or \"not running\". With `wait` (or `timeout`) it waits up to "
+        "`timeout` seconds: \"shut off\" or \"still running\". With `force` it forces the "
+        "domain off when the timeout passes: \"shut off\" or \"forced off\"."
+    ),
+    responses={200: {"description": "What happened",
+                     "schema": string_enum("shutting down", "not running", "shut off",
+                                           "still running", "forced off")},
+               **error_responses(400, 404, 409, 503, 504)},
+)
+@match_info_schema(DomainPath)
+@querystring_schema(ShutdownQuery)
+async def shutdown(request: web.Request) -> web.Response:
+    query = parse_query(request, ShutdownQuery)
+    name = request.match_info["domain"]
+    if not (query["wait"] or query["force"] or "timeout" in request.query):
+        return web.json_response(await run_action(request, "shutdown", domains.shutdown))
+
+    def stopped(message: dict[str, Any]) -> bool:
+        return (message["type"] == "lifecycle" and message["domain"] == name
+                and message["state"] == "shutoff")
+
+    result, off = await wait_for_event(
+        request, stopped, partial(run_action, request, "shutdown", domains.shutdown),
+        query["timeout"], nothing_to_wait_for="not running")
+    if off:
+        return web.json_response("not running" if result == "not running" else "shut off")
+    if not query["force"]:
+        return web.json_response("still running")
+    log.warning("shutdown %s: guest did not stop within %g s; forcing it off", name,
+                query["timeout"])
+    forced = await run_action(request, "destroy", domains.destroy, exclusive=False)
+    return web.json_response("forced off" if forced == "forced off" else "shut off")
+
+
+@action_routes("reboot")
+@docs(
+    tags=["power"],
+    summary="Reboot domain",
+    description=(
+        "Asks the guest to reboot (ACPI). With `wait` it waits up to `timeout` seconds for "
+        "the guest to reset: \"rebooted\", or \"rebooting\" if it did not in time."
+    ),
+    responses={200: {"description": "What happened",
+                     "schema": string_enum("rebooting", "rebooted")},
+               **error_responses(400, 404, 409, 501, 503, 504)},
+)
+@match_info_schema(DomainPath)
+@querystring_schema(RebootQuery)
+async def reboot(request: web.Request) -> web.Response:
+    query = parse_query(request, RebootQuery)
+    name = request.match_info["domain"]
+    act = partial(run_action, request, "reboot", domains.reboot)
+    if not query["wait"]:
+        return web.json_response(await act())
+
+    def rebooted(message: dict[str, Any]) -> bool:
+        return message["type"] == "reboot" and message["domain"] == name
+
+    _result, done = await wait_for_event(request, rebooted, act, query["timeout"])
+    return web.json_response("rebooted" if done else "rebooting")
