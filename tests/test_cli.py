@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -76,3 +78,33 @@ def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert "serving http://127.0.0.1" in stderr
     assert "GET /api/0/state/win11" in stderr  # the access log
     assert "Traceback" not in stderr
+
+
+def test_token_from_the_environment_and_lan_warning() -> None:
+    port = free_port()
+    env = {**os.environ, "WEBVIRT_TOKEN": "abc"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "webvirt", "--connect", DEMO_HOST_URI, "--port", str(port)],
+        cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}/api/0/version"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=2)
+            except urllib.error.HTTPError as err:
+                assert err.code == 401
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("server did not answer 401 without the token")
+        request = urllib.request.Request(url, headers={"Authorization": "Bearer abc"})
+        with urllib.request.urlopen(request, timeout=2) as response:
+            assert response.status == 200
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+    result = webvirt("--connect", "qemu+unix:///system?socket=/nonexistent/sock",
+                     "--address", "0.0.0.0", "--port", str(free_port()))
+    assert "without --token" in result.stderr

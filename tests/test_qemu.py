@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import threading
+import time
 from typing import Any
 
 import libvirt
@@ -199,3 +202,43 @@ async def test_host_inventory_from_the_real_node_device_driver(qemu_client: Test
         assert device["type"] in ("usb", "pci")
         assert device["held_by"] == []
         assert device["address"]
+
+
+async def test_two_starts_at_once(qemu_client: TestClient, qemu_conn: libvirt.virConnect) -> None:
+    qemu_conn.defineXML(guest_xml("racer"))
+    first, second = await asyncio.gather(qemu_client.get("/api/0/start/racer"),
+                                         qemu_client.get("/api/0/start/racer"))
+    statuses = sorted([first.status, second.status])
+    assert statuses == [200, 409], statuses
+    loser = first if first.status == 409 else second
+    assert (await loser.json())["code"] == "operation_in_progress"
+    assert await (await qemu_client.get("/api/0/state/racer")).json() == "running"
+
+
+async def test_a_frozen_daemon_gives_504_not_a_pile_up(
+        make_client: Any, libvirt_daemon: LibvirtDaemon, qemu_conn: libvirt.virConnect) -> None:
+    qemu_conn.defineXML(guest_xml("frozen"))
+    client = await make_client(uri=libvirt_daemon.uri, call_timeout=0.5)
+    assert (await client.get("/api/0/state/frozen")).status == 200
+
+    libvirt_daemon.signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        responses = await asyncio.gather(*(client.get("/api/0/state/frozen") for _ in range(40)))
+        elapsed = time.monotonic() - started
+        assert {r.status for r in responses} <= {503, 504}
+        assert any(r.status == 504 for r in responses)
+        assert elapsed < 5, elapsed  # callers waiting for a slot time out too
+        # Hung calls hold their threads; no more than the pool's size are ever started.
+        assert len([t for t in threading.enumerate() if t.name.startswith("libvirt")]) <= 16
+    finally:
+        libvirt_daemon.signal(signal.SIGCONT)
+
+    # Once the daemon runs again (the keepalive may have dropped the connection meanwhile,
+    # then webvirt reconnects), requests succeed again.
+    for _ in range(150):
+        if (await client.get("/api/0/state/frozen")).status == 200:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("webvirt did not recover after the daemon was resumed")

@@ -25,6 +25,7 @@ from webvirt.hypervisor import Hypervisor
 from webvirt.libvirt_events import LibvirtEventSource
 from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
+from webvirt.security import Guard
 from webvirt.templates import TemplateStore
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ async def end_event_streams(app: web.Application) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+    guard = Guard(settings)
+    app = web.Application(middlewares=[guard.middleware, json_errors])
     app[SETTINGS] = settings
     app[HYPERVISOR] = hypervisor = Hypervisor(settings.uri, call_timeout=settings.call_timeout)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from webvirt import __version__
 from webvirt.app import create_app
 from webvirt.config import Settings
 from webvirt.errors import ApiError
+from webvirt.security import split_hosts
 
 log = logging.getLogger("webvirt")
 
@@ -43,6 +46,13 @@ def default_devices_dir() -> Path:
     return Path("devices")
 
 
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address == "localhost"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webvirt",
@@ -60,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", metavar="DIR", type=Path, default=None,
                         help="folder of device templates NAME.xml (default: ./devices, or "
                              "devices/ next to a single-file executable)")
+    parser.add_argument("--token", default=os.environ.get("WEBVIRT_TOKEN") or None,
+                        help="require this token on /api/ (Authorization: Bearer TOKEN or "
+                             "?token=TOKEN); default: $WEBVIRT_TOKEN, else no token")
+    parser.add_argument("--allow-host", metavar="NAME", action="append", default=[],
+                        help="also accept requests whose Host header is NAME (repeatable, or "
+                             "comma-separated; '*' for any). IP addresses, localhost and this "
+                             "machine's hostname are always accepted")
     parser.add_argument("--call-timeout", metavar="SECONDS", type=float, default=30.0,
                         help="fail a request with 504 when libvirt takes longer "
                              "(default: %(default)s)")
@@ -99,7 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         uri=args.connect,
         devices_dir=args.devices or default_devices_dir(),
         call_timeout=args.call_timeout,
+        token=args.token,
+        allowed_hosts=split_hosts(args.allow_host),
     )
+    if not settings.token and not is_loopback(args.address):
+        log.warning("listening on %s without --token: anyone on the network can control "
+                    "your VMs", args.address)
     try:
         asyncio.run(serve(settings, args.address, args.port))
     except ApiError as err:

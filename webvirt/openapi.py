@@ -39,7 +39,7 @@ def setup_openapi(app: web.Application) -> None:
         openapi_version="3.0.3",
         in_place=True,
     )
-    _drop_swagger2_keys(app[SWAGGER_DICT])
+    _finish_spec(app[SWAGGER_DICT])
     page = REDOC_PAGE.format(spec_url=SPEC_URL)
 
     async def redoc(_request: web.Request) -> web.Response:
@@ -48,9 +48,16 @@ def setup_openapi(app: web.Application) -> None:
     app.router.add_get("/redoc", redoc, allow_head=False)
 
 
-def _drop_swagger2_keys(spec: dict[str, Any]) -> None:
+def _finish_spec(spec: dict[str, Any]) -> None:
     # apigami's @docs adds Swagger 2's "produces" to every operation; OpenAPI 3 forbids it.
     for path_item in spec.get("paths", {}).values():
         for operation in path_item.values():
             if isinstance(operation, dict):
                 operation.pop("produces", None)
+    # The token is optional: only a server started with --token asks for it.
+    spec.setdefault("components", {})["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer",
+                   "description": "The --token / WEBVIRT_TOKEN value, if the server has one"},
+        "token": {"type": "apiKey", "in": "query", "name": "token"},
+    }
+    spec["security"] = [{}, {"bearer": []}, {"token": []}]

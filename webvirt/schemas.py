@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
-from marshmallow.validate import Range
+from marshmallow.validate import Range, Regexp
 
 from webvirt.errors import ApiError
+from webvirt.templates import TEMPLATE_NAME
 
 
 class DomainPath(Schema):
@@ -15,7 +16,8 @@ class DomainPath(Schema):
 
 class TemplatePath(DomainPath):
     xml_name = fields.Str(
-        required=True, metadata={"description": "Template name: devices/{xml_name}.xml"}
+        required=True, validate=Regexp(TEMPLATE_NAME),
+        metadata={"description": "Template name: devices/{xml_name}.xml"},
     )
 
 

@@ -13,7 +13,8 @@ from webvirt.errors import ApiError, NotFound
 
 # Greedy, so $VENDOR_ID is one variable and never $VENDOR followed by "_ID".
 VARIABLE = re.compile(r"\$([A-Z][A-Z0-9_]*)")
-TEMPLATE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# No "/" and no leading ".", so a name cannot climb out of the devices folder.
+TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_VALUE_LENGTH = 1024
 MAX_TEMPLATE_BYTES = 64 * 1024
 # Query parameters webvirt itself uses; a template may not name a variable after them.
@@ -64,7 +65,7 @@ class TemplateStore:
         )
 
     def load(self, name: str) -> DeviceTemplate:
-        if not TEMPLATE_NAME.fullmatch(name) or ".." in name:
+        if not TEMPLATE_NAME.fullmatch(name):
             raise ApiError(
                 f"invalid template name {name!r}: use letters, digits, '_', '-' and '.'",
                 code="invalid_template_name",

@@ -1,0 +1,105 @@
+"""LAN safety: token, cross-site refusal, Host names (DNS rebinding)."""
+
+from __future__ import annotations
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import ClientFactory
+from tests.test_seed_api import get_json
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+async def token_client(make_client: ClientFactory) -> TestClient:
+    return await make_client(token=TOKEN)
+
+
+async def test_token_is_required(token_client: TestClient) -> None:
+    response = await token_client.get("/api/0/shutdown/linux-dev")
+    assert response.status == 401
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (await response.json())["code"] == "unauthorized"
+    response = await token_client.get("/api/0/shutdown/linux-dev",
+                                      headers={"Authorization": "Bearer wrong"})
+    assert response.status == 401
+    response = await token_client.get("/api/0/state/linux-dev?token=wrong")
+    assert response.status == 401
+    assert await get_json(token_client, f"/api/0/state/linux-dev?token={TOKEN}") == "running"
+
+
+async def test_bearer_token(token_client: TestClient) -> None:
+    response = await token_client.get("/api/0/shutdown/linux-dev",
+                                      headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 200
+    assert await response.json() == "shutting down"
+
+
+async def test_token_guards_the_event_stream(token_client: TestClient) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await token_client.ws_connect("/api/0/events")
+    assert caught.value.status == 401
+    async with token_client.ws_connect(f"/api/0/events?token={TOKEN}") as ws:
+        assert (await ws.receive_json(timeout=5))["type"] == "snapshot"
+    response = await token_client.get("/api/0/events", headers={"Accept": "text/event-stream"})
+    assert response.status == 401
+    response = await token_client.get("/api/0/events", headers={
+        "Accept": "text/event-stream", "Authorization": f"Bearer {TOKEN}"})
+    assert response.status == 200
+    response.close()
+
+
+async def test_docs_need_no_token(token_client: TestClient) -> None:
+    for path in ("/docs", "/redoc", "/api/0/openapi.json", "/static/vendor/redoc.standalone.js"):
+        assert (await token_client.get(path)).status == 200, path
+
+
+@pytest.mark.parametrize("headers", [
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site"},
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},
+])
+async def test_cross_site_requests_change_nothing(client: TestClient, headers: dict) -> None:
+    response = await client.get("/api/0/shutdown/linux-dev", headers=headers)
+    assert response.status == 403
+    assert (await response.json())["code"] == "cross_site_request"
+    assert await get_json(client, "/api/0/state/linux-dev") == "running"
+
+
+async def test_same_origin_browser_requests_work(client: TestClient) -> None:
+    origin = f"http://{client.host}:{client.port}"
+    response = await client.get("/api/0/shutdown/linux-dev", headers={
+        "Sec-Fetch-Site": "same-origin", "Origin": origin})
+    assert response.status == 200
+    response = await client.get("/api/0/state/linux-dev", headers={"Sec-Fetch-Site": "none"})
+    assert response.status == 200  # typed into the address bar
+
+
+async def test_cross_site_websocket_is_refused(client: TestClient) -> None:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+        await client.ws_connect("/api/0/events", origin="http://evil.example")
+    assert caught.value.status == 403
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:5000", "rebind.attacker.net"])
+async def test_unknown_host_names_are_refused(client: TestClient, host: str) -> None:
+    response = await client.get("/api/0/shutdown/linux-dev", headers={"Host": host})
+    assert response.status == 403
+    assert (await response.json())["code"] == "host_not_allowed"
+    assert await get_json(client, "/api/0/state/linux-dev") == "running"
+
+
+@pytest.mark.parametrize("host", ["localhost:5000", "127.0.0.1", "192.168.1.20:5000",
+                                  "[::1]:5000", "[fe80::1]"])
+async def test_ip_addresses_and_localhost_are_allowed(client: TestClient, host: str) -> None:
+    response = await client.get("/api/0/version", headers={"Host": host})
+    assert response.status == 200
+
+
+async def test_allow_host(make_client: ClientFactory) -> None:
+    client = await make_client(allowed_hosts=("vmhost.lan",))
+    assert (await client.get("/api/0/version", headers={"Host": "vmhost.lan:5000"})).status == 200
+    assert (await client.get("/api/0/version", headers={"Host": "other.lan"})).status == 403

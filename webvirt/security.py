@@ -1,0 +1,110 @@
+"""Safe on a LAN: allowed Host names (DNS rebinding), no cross-site requests, optional token.
+
+A state-changing GET is reachable from any web page a user visits (<img src=".../shutdown/
+win11">), so /api/ refuses requests a browser marks as coming from another site. A page on an
+attacker's domain that resolves to this machine (DNS rebinding) is refused by its Host name.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from webvirt.config import Settings
+from webvirt.middlewares import error_body
+
+PROTECTED_PREFIX = "/api/"
+# Where the spec lives: readable without a token so /docs can load it.
+PUBLIC_PATHS = frozenset({"/api/0/openapi.json"})
+
+
+def default_allowed_hosts() -> set[str]:
+    names = {"localhost", "localhost.localdomain"}
+    hostname = socket.gethostname().lower()
+    names |= {hostname, f"{hostname}.local", socket.getfqdn().lower()}
+    return names
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without port or IPv6 brackets."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0].lower()
+    return host_header.rsplit(":", 1)[0].lower() if host_header.count(":") == 1 \
+        else host_header.lower()
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class Guard:
+    def __init__(self, settings: Settings):
+        self.token = settings.token.encode() if settings.token else None
+        self.allowed_hosts = default_allowed_hosts() | {h.lower() for h in settings.allowed_hosts}
+        self.allow_any_host = "*" in settings.allowed_hosts
+
+    def host_allowed(self, host_header: str | None) -> bool:
+        if self.allow_any_host:
+            return True
+        if not host_header:
+            return False
+        name = host_name(host_header)
+        # Rebinding needs a name the attacker controls; an IP literal cannot be rebound.
+        return is_ip_literal(name) or name in self.allowed_hosts
+
+    def cross_site(self, request: web.Request) -> str | None:
+        """Why a browser request comes from another site, or None."""
+        fetch_site = request.headers.get("Sec-Fetch-Site")
+        if fetch_site in ("cross-site", "same-site"):
+            return f"Sec-Fetch-Site: {fetch_site}"
+        origin = request.headers.get("Origin")
+        if origin and origin != "null":
+            origin_host = urlsplit(origin).netloc.lower()
+            if origin_host != (request.host or "").lower():
+                return f"Origin {origin} is not this server"
+        elif origin == "null":
+            return "Origin: null (sandboxed or file page)"
+        return None
+
+    def token_ok(self, request: web.Request) -> bool:
+        assert self.token is not None
+        given = request.query.get("token", "")
+        authorization = request.headers.get("Authorization", "")
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() == "bearer":
+            given = credentials.strip()
+        return hmac.compare_digest(given.encode(), self.token)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not self.host_allowed(request.headers.get("Host")):
+            return error_body(
+                403, "host_not_allowed",
+                f"Host {request.headers.get('Host')!r} is not an allowed name for this server "
+                "(start webvirt with --allow-host NAME to add it)")
+        if request.path.startswith(PROTECTED_PREFIX) and request.path not in PUBLIC_PATHS:
+            reason = self.cross_site(request)
+            if reason is not None:
+                return error_body(403, "cross_site_request",
+                                  f"cross-site requests are refused ({reason})")
+            if self.token is not None and not self.token_ok(request):
+                response = error_body(401, "unauthorized",
+                                      "a valid token is required: Authorization: Bearer TOKEN "
+                                      "or ?token=TOKEN")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="webvirt"'
+                return response
+        return await handler(request)
+
+
+def split_hosts(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(h.strip() for value in values for h in value.split(",") if h.strip())
