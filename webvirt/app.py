@@ -58,6 +58,10 @@ async def end_event_streams(app: web.Application) -> None:
     app[EVENT_HUB].end_all()
 
 
+async def dashboard(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(request.app[SETTINGS].static_dir / "index.html")
+
+
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
     app = web.Application(middlewares=[guard.middleware, json_errors])
@@ -74,6 +78,7 @@ def create_app(settings: Settings) -> web.Application:
 
     for module in (api_domains, api_devices, api_server, stream):
         app.router.add_routes(module.routes)
-    app.router.add_static("/static/vendor", settings.static_dir / "vendor")
+    app.router.add_get("/", dashboard, allow_head=False)
+    app.router.add_static("/static", settings.static_dir)
     setup_openapi(app)
     return app

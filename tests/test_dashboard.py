@@ -1,0 +1,134 @@
+"""The dashboard in real headless Chromium (Debian's chromium, driven by Playwright)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+
+import libvirt
+import pytest
+from aiohttp.test_utils import TestClient
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+
+from tests.conftest import ClientFactory
+from tests.libvirt_daemon import LibvirtDaemon, guest_xml
+
+CHROMIUM = os.environ.get("WEBVIRT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} not found: scripts/install --test installs Debian's chromium")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                   args=CHROMIUM_FLAGS)
+        yield browser
+        await browser.close()
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context()
+    page = await context.new_page()
+    yield page
+    await context.close()
+
+
+def card(page: Page, name: str) -> Locator:
+    return page.locator(f'[data-domain="{name}"]')
+
+
+async def open_dashboard(page: Page, client: TestClient, fragment: str = "") -> None:
+    await page.goto(str(client.make_url("/")) + fragment)
+    await expect(page.locator("#connection")).to_have_text("live")
+
+
+async def test_shows_every_vm_with_its_state(client: TestClient, page: Page) -> None:
+    await open_dashboard(page, client)
+    await expect(card(page, "win11").locator(".state")).to_have_text("shut off")
+    await expect(card(page, "linux-dev").locator(".state")).to_have_text("running")
+    await expect(card(page, "media-server").locator(".state")).to_have_text("paused")
+    # Only the buttons that apply are shown.
+    await expect(card(page, "win11").locator("button:visible")).to_have_text(["Start"])
+    await expect(card(page, "linux-dev").locator("button:visible")).to_have_text(
+        ["Shut down", "Force off"])
+
+
+async def test_a_state_change_shows_within_a_second(client: TestClient, page: Page) -> None:
+    await open_dashboard(page, client)
+    started = time.monotonic()
+    assert (await client.get("/api/0/start/win11")).status == 200
+    await expect(card(page, "win11").locator(".state")).to_have_text("running", timeout=1000)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_clicking_start_starts_the_vm(client: TestClient, page: Page) -> None:
+    await open_dashboard(page, client)
+    await card(page, "win11").get_by_role("button", name="Start").click()
+    await expect(card(page, "win11").locator(".state")).to_have_text("running")
+    assert await (await client.get("/api/0/state/win11")).json() == "running"
+    await expect(page.locator("#log li").first).to_contain_text("win11: starting")
+
+
+async def test_force_off(client: TestClient, page: Page) -> None:
+    await open_dashboard(page, client)
+    await card(page, "linux-dev").get_by_role("button", name="Force off").click()
+    await expect(card(page, "linux-dev").locator(".state")).to_have_text("shut off")
+
+
+async def test_fits_a_phone_screen(browser: Browser, client: TestClient) -> None:
+    context = await browser.new_context(viewport={"width": 390, "height": 844},
+                                        is_mobile=True, has_touch=True)
+    page = await context.new_page()
+    try:
+        await open_dashboard(page, client)
+        overflow = await page.evaluate(
+            "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0
+        box = await card(page, "win11").get_by_role("button", name="Start").bounding_box()
+        assert box is not None and box["height"] >= 40  # big enough for a thumb
+    finally:
+        await context.close()
+
+
+async def test_token_from_the_url_fragment(make_client: ClientFactory, page: Page) -> None:
+    client = await make_client(token="letmein")
+    await open_dashboard(page, client, "#token=letmein")
+    await expect(card(page, "win11").locator(".state")).to_have_text("shut off")
+    assert "token" not in page.url  # dropped from the address bar once stored
+
+
+async def test_asks_for_a_token_when_needed(make_client: ClientFactory, page: Page) -> None:
+    client = await make_client(token="letmein")
+    await page.goto(str(client.make_url("/")))
+    await expect(page.locator("#token-dialog")).to_be_visible()
+    await page.fill("#token-input", "letmein")
+    await page.click("#token-form button")
+    await expect(page.locator("#connection")).to_have_text("live")
+
+
+@pytest.mark.qemu
+async def test_libvirt_restart_and_attach_on_real_qemu(
+        page: Page, qemu_client: TestClient, qemu_conn: libvirt.virConnect,
+        libvirt_daemon: LibvirtDaemon) -> None:
+    qemu_conn.defineXML(guest_xml("desk")).create()
+    await open_dashboard(page, qemu_client)
+    await expect(card(page, "desk").locator(".state")).to_have_text("running")
+
+    await page.select_option("#device-domain", "desk")
+    await page.select_option("#device-template", "usb_tablet")
+    await page.get_by_role("button", name="Attach").click()
+    await expect(page.locator("#log")).to_contain_text("desk: usb_tablet attached")
+    await expect(page.locator("#log")).to_contain_text("desk: device added input")
+
+    libvirt_daemon.kill()
+    await expect(page.locator("#connection")).to_have_text("libvirt connection lost")
+    libvirt_daemon.start()
+    await expect(page.locator("#connection")).to_have_text("live", timeout=30000)
+    await expect(card(page, "desk").locator(".state")).to_have_text("running")
