@@ -48,9 +48,17 @@ async def run_action(request: web.Request, action: str, operation: Operation,
                      *, exclusive: bool = True) -> str:
     name = request.match_info["domain"]
     with request.app[DOMAIN_LOCKS].hold(name) if exclusive else contextlib.nullcontext():
-        result = await request.app[HYPERVISOR].call(partial(operation, name=name))
+        result, state = await request.app[HYPERVISOR].call(
+            partial(act_then_read_state, operation=operation, name=name))
+    # So a state request right after this answers from the cache without lagging behind.
+    request.app[EVENT_HUB].refresh_state(name, domains.state_name(state))
     log.info("%s %s: %s", action, name, result)
     return result
+
+
+def act_then_read_state(conn: libvirt.virConnect, operation: Operation,
+                        name: str) -> tuple[str, int]:
+    return operation(conn, name), domains.state(conn, name)
 
 
 @routes.get("/api/0/state/{domain}", allow_head=False)
@@ -66,6 +74,12 @@ async def run_action(request: web.Request, action: str, operation: Operation,
 @match_info_schema(DomainPath)
 async def get_state(request: web.Request) -> web.Response:
     name = request.match_info["domain"]
+    hub = request.app[EVENT_HUB]
+    # libvirt's lifecycle events keep the cache current (rebuilt on every reconnect), so
+    # most requests need no libvirt call; unknown names and UUIDs ask libvirt.
+    cached = hub.cached_state(name) if hub.connected else None
+    if cached is not None:
+        return web.json_response(domains.SEED_TEXT_BY_NAME.get(cached, ""))
     code = await request.app[HYPERVISOR].call(partial(domains.state, name=name))
     return web.json_response(domains.SEED_STATE_TEXT.get(code, ""))
 

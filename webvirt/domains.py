@@ -35,6 +35,9 @@ SEED_STATE_TEXT = {
 }
 
 
+SEED_TEXT_BY_NAME = {STATE_NAMES[code]: text for code, text in SEED_STATE_TEXT.items()}
+
+
 def state_name(state: int) -> str:
     return STATE_NAMES.get(state, "nostate")
 

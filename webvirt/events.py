@@ -179,6 +179,12 @@ class EventHub:
         else:
             self.domains[name] = {"name": name, "uuid": uuid, "state": state}
 
+    def refresh_state(self, name: str, state: str) -> None:
+        """After webvirt's own action: the state libvirt reported once the action returned."""
+        entry = self.domains.get(name)
+        if entry is not None:
+            entry["state"] = state
+
     def cached_state(self, name: str) -> str | None:
         entry = self.domains.get(name)
         return entry["state"] if entry else None

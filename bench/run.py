@@ -1,0 +1,227 @@
+"""webvirt benchmarks, in one run on one machine; prints a table.
+
+    .venv/bin/python bench/run.py            # full run (about two minutes)
+    .venv/bin/python bench/run.py --quick    # smoke run (the test suite uses it)
+
+Needs wrk (apt-get install wrk) for the HTTP rows, and for the last rows the real libvirtd and
+QEMU that scripts/install --test installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEMO_URI = f"test://{REPO / 'demo' / 'host.xml'}"
+
+
+@dataclass
+class Row:
+    name: str
+    value: str
+    target: str = ""
+    ok: bool | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str) -> None:
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start(command: list[str], probe: str) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_until_up(probe)
+    return process
+
+
+def start_webvirt(port: int, uri: str = DEMO_URI) -> subprocess.Popen[bytes]:
+    # Access log off, as in the floor: the numbers are about the server, not log writing.
+    return start([sys.executable, "-m", "webvirt", "--connect", uri, "--port", str(port),
+                  "--log-level", "warning"], f"http://127.0.0.1:{port}/api/0/version")
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """Current and peak resident memory of a process."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
+                  .splitlines() if ":" in line)
+    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+
+
+def wrk(url: str, seconds: float, connections: int = 50) -> tuple[float, float, float]:
+    """Requests/s, p50 and p99 latency in ms, from wrk with one thread."""
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", url],
+                         capture_output=True, text=True, check=True).stdout
+
+    def latency(percent: str) -> float:
+        value, unit = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 0.001, "ms": 1, "s": 1000}[unit]
+
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        raise RuntimeError(f"{url}: {errors.group(1)} error responses")
+    return rate, latency("50"), latency("99")
+
+
+def http_rows(seconds: float) -> list[Row]:
+    rows = []
+    bare_port, port = free_port(), free_port()
+    bare = start([sys.executable, str(REPO / "bench" / "bare_server.py"), str(bare_port)],
+                 f"http://127.0.0.1:{bare_port}/api/0/state/x")
+    server = start_webvirt(port)
+    try:
+        floor, b50, b99 = wrk(f"http://127.0.0.1:{bare_port}/api/0/state/linux-dev", seconds)
+        rows.append(Row("bare aiohttp handler (floor)",
+                        f"{floor:,.0f} req/s  p50 {b50:.2f} ms  p99 {b99:.2f} ms"))
+        for path in ("/api/0/state/linux-dev", "/api/0/domains"):
+            rate, p50, p99 = wrk(f"http://127.0.0.1:{port}{path}", seconds)
+            share = rate / floor
+            rows.append(Row(
+                f"GET {path}", f"{rate:,.0f} req/s  p50 {p50:.2f} ms  p99 {p99:.2f} ms  "
+                f"({share:.0%} of floor)",
+                ">= 60% of floor" if "state" in path else "",
+                share >= 0.6 if "state" in path else None))
+    finally:
+        bare.terminate()
+        server.terminate()
+        bare.wait()
+        server.wait()
+    return rows
+
+
+def fanout_rows(clients: int, changes: int) -> list[Row]:
+    port = free_port()
+    server = start_webvirt(port)
+    try:
+        _, idle_peak = rss_mib(server.pid)
+        fleet = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "fanout_clients.py"),
+             f"ws://127.0.0.1:{port}/api/0/events?type=lifecycle", str(clients), str(changes),
+             "120"], stdout=subprocess.PIPE, text=True)
+        assert fleet.stdout is not None
+        json.loads(fleet.stdout.readline())  # every client has its snapshot
+        for n in range(changes):
+            action = "start" if n % 2 == 0 else "destroy"
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/0/{action}/win11").close()
+            time.sleep(0.25)  # one change at a time: latency, not a burst
+        result = json.loads(fleet.stdout.readline())
+        fleet.wait()
+        _, peak = rss_mib(server.pid)
+    finally:
+        server.terminate()
+        server.wait()
+    delays = sorted(d * 1000 for d in result["delays"])
+    p50 = statistics.median(delays)
+    p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))]
+    complete = result["complete_clients"]
+    return [
+        Row(f"event fan-out, {clients} WebSocket clients x {changes} changes",
+            f"p50 {p50:.1f} ms  p99 {p99:.1f} ms", "p99 < 50 ms", p99 < 50),
+        Row("clients that got every event", f"{complete}/{clients}", "all", complete == clients),
+        Row("peak RSS, idle", f"{idle_peak:.1f} MiB"),
+        Row(f"peak RSS with {clients} clients", f"{peak:.1f} MiB", "< 150 MiB", peak < 150),
+    ]
+
+
+async def cache_vs_rpc(uri: str, name: str, calls: int) -> tuple[float, float]:
+    """Seconds per state lookup: a libvirt RPC on a worker thread vs the event-fed cache."""
+    from webvirt import domains
+    from webvirt.events import EventHub
+    from webvirt.hypervisor import Hypervisor
+    from webvirt.libvirt_events import LibvirtEventSource
+
+    hypervisor = Hypervisor(uri)
+    hub = EventHub()
+    hypervisor.add_listener(LibvirtEventSource(hub, hypervisor))
+    await hypervisor.open()
+    try:
+        started = time.perf_counter()
+        for _ in range(calls):
+            await hypervisor.call(partial(domains.state, name=name))
+        rpc = (time.perf_counter() - started) / calls
+        started = time.perf_counter()
+        for _ in range(calls):
+            assert hub.cached_state(name) == "running"
+        cached = (time.perf_counter() - started) / calls
+    finally:
+        await hypervisor.close()
+    return rpc, cached
+
+
+def qemu_rows(calls: int) -> list[Row]:
+    import libvirt
+
+    from tests.libvirt_daemon import LibvirtDaemon, guest_xml
+
+    daemon = LibvirtDaemon()
+    daemon.start()
+    try:
+        conn = libvirt.open(daemon.uri)
+        conn.defineXML(guest_xml("bench")).create()
+        conn.close()
+        rpc, cached = asyncio.run(cache_vs_rpc(daemon.uri, "bench", calls))
+    finally:
+        daemon.cleanup()
+    return [
+        Row("state by libvirt RPC (real QEMU daemon)",
+            f"{rpc * 1e6:,.0f} us/lookup ({1 / rpc:,.0f}/s)"),
+        Row("state from the event-fed cache", f"{cached * 1e6:,.2f} us/lookup "
+            f"({rpc / cached:,.0f}x faster)"),
+    ]
+
+
+def print_table(rows: list[Row]) -> None:
+    width = max(len(r.name) for r in rows)
+    value_width = max(len(r.value) for r in rows)
+    for row in rows:
+        verdict = "" if row.ok is None else ("PASS" if row.ok else "MISS")
+        target = f"  target {row.target}" if row.target else ""
+        print(f"{row.name:<{width}}  {row.value:<{value_width}}{target:<22} {verdict}".rstrip())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--no-qemu", action="store_true", help="skip the real-QEMU rows")
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        print("bench: wrk not found (apt-get install wrk)", file=sys.stderr)
+        return 2
+    seconds, clients, changes, calls = (1, 50, 4, 50) if args.quick else (10, 1000, 20, 2000)
+    rows = http_rows(seconds) + fanout_rows(clients, changes)
+    if not args.no_qemu:
+        rows += qemu_rows(calls)
+    print_table(rows)
+    return 0 if all(r.ok is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
