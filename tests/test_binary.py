@@ -6,14 +6,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DEMO_HOST_URI, REPO
-from tests.test_cli import free_port
+from tests.test_cli import free_port, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +51,7 @@ def test_serves_api_docs_and_dashboard_from_bundled_files(binary: Path) -> None:
             return response.read()
 
     try:
-        for _ in range(200):
-            try:
-                get("/api/0/version")
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_until_serving(base + "/api/0/version")
         assert get("/api/0/state/win11") == b'"shut off"'
         assert b'"usb_tablet"' in get("/api/0/templates")
         assert b"swagger-ui" in get("/docs")

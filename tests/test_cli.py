@@ -25,6 +25,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_serving(url: str) -> None:
+    """Until the URL answers at all (any HTTP status counts)."""
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer")
+
+
 def test_help_names_every_option() -> None:
     result = webvirt("-h")
     assert result.returncode == 0
@@ -62,15 +75,9 @@ def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
         cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}/api/0/state/win11"
-        for _ in range(100):
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    assert response.read() == b'"shut off"'
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("server did not answer")
+        wait_until_serving(url)
+        with urllib.request.urlopen(url, timeout=2) as response:
+            assert response.read() == b'"shut off"'
     finally:
         process.terminate()
         _, stderr = process.communicate(timeout=10)
@@ -88,16 +95,12 @@ def test_token_from_the_environment_and_lan_warning() -> None:
         cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = f"http://127.0.0.1:{port}/api/0/version"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url, timeout=2)
-            except urllib.error.HTTPError as err:
-                assert err.code == 401
-                break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("server did not answer 401 without the token")
+        wait_until_serving(url)
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            raise AssertionError("answered without the token")
+        except urllib.error.HTTPError as err:
+            assert err.code == 401
         request = urllib.request.Request(url, headers={"Authorization": "Bearer abc"})
         with urllib.request.urlopen(request, timeout=2) as response:
             assert response.status == 200

@@ -6,11 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 
 from tests.conftest import DEMO_HOST_URI, REPO
-from tests.test_cli import free_port
+from tests.test_cli import free_port, wait_until_serving
 
 
 def test_schemathesis_finds_no_500s_and_no_spec_violations() -> None:
@@ -21,12 +19,7 @@ def test_schemathesis_finds_no_500s_and_no_spec_violations() -> None:
         cwd=REPO, stderr=subprocess.PIPE, text=True)
     spec_url = f"http://127.0.0.1:{port}/api/0/openapi.json"
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(spec_url, timeout=2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_until_serving(spec_url)
         st = shutil.which("st", path=os.path.dirname(sys.executable)) or "st"
         result = subprocess.run(
             [st, "run", spec_url,

@@ -12,6 +12,7 @@ from typing import Any
 import libvirt
 
 from webvirt.domains import state_name
+from webvirt.errors import ApiError
 from webvirt.events import EventHub
 from webvirt.hypervisor import Hypervisor, conn_uri
 
@@ -95,7 +96,7 @@ class LibvirtEventSource:
 
         try:
             await self.hypervisor.run_blocking(unregister_all, seconds=5)
-        except (libvirt.libvirtError, Exception) as err:  # closing anyway; just say so
+        except (libvirt.libvirtError, ApiError) as err:  # closing anyway; just say so
             log.debug("could not unregister libvirt callbacks: %s", err)
 
     def _register(self, conn: libvirt.virConnect) -> None:
