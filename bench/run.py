@@ -14,7 +14,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.processes import free_port, wait_until_serving  # noqa: E402
+
 DEMO_URI = f"test://{REPO / 'demo' / 'host.xml'}"
 
 
@@ -38,26 +39,10 @@ class Row:
     ok: bool | None = None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str) -> None:
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def start(command: list[str], probe: str) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    wait_until_up(probe)
+    wait_until_serving(probe)
     return process
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DEMO_HOST_URI, REPO
-from tests.test_cli import free_port, wait_until_serving
+from tests.processes import free_port, wait_until_serving
 
 pytestmark = pytest.mark.slow
 

@@ -6,36 +6,17 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tests.conftest import DEMO_HOST_URI, REPO
+from tests.processes import free_port, wait_until_serving
 
 
 def webvirt(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "webvirt", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(url: str) -> None:
-    """Until the URL answers at all (any HTTP status counts)."""
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer")
 
 
 def test_help_names_every_option() -> None:

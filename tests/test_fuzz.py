@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tests.conftest import DEMO_HOST_URI, REPO
-from tests.test_cli import free_port, wait_until_serving
+from tests.processes import free_port, wait_until_serving
 
 
 def test_schemathesis_finds_no_500s_and_no_spec_violations() -> None:

@@ -22,6 +22,14 @@ def tablets(dom: libvirt.virDomain) -> int:
     return dom.XMLDesc().count("<input type='tablet' bus='usb'>")
 
 
+async def wait_until_no_tablets(dom: libvirt.virDomain) -> None:
+    for _ in range(50):  # device removal completes asynchronously in QEMU
+        if tablets(dom) == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert tablets(dom) == 0
+
+
 async def test_start_attach_detach_shutdown(qemu_client: TestClient,
                                             qemu_conn: libvirt.virConnect) -> None:
     dom = qemu_conn.defineXML(guest_xml("gamer"))
@@ -42,11 +50,7 @@ async def test_start_attach_detach_shutdown(qemu_client: TestClient,
     response = await qemu_client.get("/api/0/detach/gamer/usb_tablet")
     assert response.status == 200, await response.text()
     assert (await response.json())["device"] == "detached"
-    for _ in range(50):  # device removal completes asynchronously in QEMU
-        if tablets(dom) == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert tablets(dom) == 0
+    await wait_until_no_tablets(dom)
 
     # The guest has no OS, so ACPI shutdown is accepted but the guest keeps running.
     response = await qemu_client.get("/api/0/shutdown/gamer")
@@ -171,11 +175,7 @@ async def test_toggle_and_device_listing(qemu_client: TestClient,
     assert tablets(dom) == 1
     response = await qemu_client.get("/api/0/toggle/toggler/usb_tablet")
     assert (await response.json())["device"] == "detached"
-    for _ in range(50):
-        if tablets(dom) == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert tablets(dom) == 0
+    await wait_until_no_tablets(dom)
     # No host devices passed through; the listing is a real (empty) answer.
     response = await qemu_client.get("/api/0/devices/toggler")
     assert response.status == 200

@@ -14,6 +14,7 @@ from aiohttp_apigami import docs, match_info_schema, querystring_schema
 from webvirt import device_xml, domains
 from webvirt.appkeys import DOMAIN_LOCKS, EVENT_HUB, HYPERVISOR, TEMPLATES
 from webvirt.errors import ApiError
+from webvirt.routing import get_and_post
 from webvirt.schemas import (
     DeviceQuery,
     DeviceResult,
@@ -38,10 +39,17 @@ TEMPLATE_DESCRIPTION = (
 DEVICE_ERRORS = error_responses(400, 403, 404, 409, 422, 501, 503, 504)
 
 
-def device_docs(summary: str, extra: str = "") -> Any:
-    return docs(tags=["devices"], summary=summary, description=TEMPLATE_DESCRIPTION + extra,
-                responses={200: {"description": "Done", "schema": DeviceResult},
-                           **DEVICE_ERRORS})
+def device_route(action: str, summary: str, extra: str = "") -> Any:
+    """GET and POST /api/0/{action}/{domain}/{xml_name}, documented."""
+
+    def decorate(handler: Any) -> Any:
+        documented = docs(
+            tags=["devices"], summary=summary, description=TEMPLATE_DESCRIPTION + extra,
+            responses={200: {"description": "Done", "schema": DeviceResult}, **DEVICE_ERRORS},
+        )(match_info_schema(TemplatePath)(querystring_schema(DeviceQuery)(handler)))
+        return get_and_post(routes, f"/api/0/{action}/{{domain}}/{{xml_name}}")(documented)
+
+    return decorate
 
 
 async def change_device(request: web.Request, action: str | None) -> web.Response:
@@ -72,31 +80,19 @@ async def change_device(request: web.Request, action: str | None) -> web.Respons
                               "template": template.name, "variables": parameters})
 
 
-@routes.get("/api/0/attach/{domain}/{xml_name}", allow_head=False)
-@routes.post("/api/0/attach/{domain}/{xml_name}")
-@device_docs("Attach host device")
-@match_info_schema(TemplatePath)
-@querystring_schema(DeviceQuery)
+@device_route("attach", "Attach host device")
 async def attach(request: web.Request) -> web.Response:
     return await change_device(request, "attach")
 
 
-@routes.get("/api/0/detach/{domain}/{xml_name}", allow_head=False)
-@routes.post("/api/0/detach/{domain}/{xml_name}")
-@device_docs("Detach host device")
-@match_info_schema(TemplatePath)
-@querystring_schema(DeviceQuery)
+@device_route("detach", "Detach host device")
 async def detach(request: web.Request) -> web.Response:
     return await change_device(request, "detach")
 
 
-@routes.get("/api/0/toggle/{domain}/{xml_name}", allow_head=False)
-@routes.post("/api/0/toggle/{domain}/{xml_name}")
-@device_docs("Toggle host device (attach if absent, detach if present)",
-             " Host devices are matched by USB vendor/product (or address) and PCI address;"
-             " other devices by element name and the template's attributes.")
-@match_info_schema(TemplatePath)
-@querystring_schema(DeviceQuery)
+@device_route("toggle", "Toggle host device (attach if absent, detach if present)",
+              " Host devices are matched by USB vendor/product (or address) and PCI address;"
+              " other devices by element name and the template's attributes.")
 async def toggle(request: web.Request) -> web.Response:
     return await change_device(request, None)
 

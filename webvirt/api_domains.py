@@ -17,6 +17,7 @@ from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import domains
 from webvirt.appkeys import DOMAIN_LOCKS, EVENT_HUB, HYPERVISOR
+from webvirt.routing import get_and_post
 from webvirt.schemas import (
     DomainPath,
     DomainSummary,
@@ -34,14 +35,7 @@ Operation = Callable[[libvirt.virConnect, str], str]
 
 def action_routes(action: str) -> Callable[[Any], Any]:
     """GET and POST /api/0/{action}/{domain} for one handler."""
-    path = f"/api/0/{action}/{{domain}}"
-
-    def register(handler: Any) -> Any:
-        routes.get(path, allow_head=False)(handler)
-        routes.post(path)(handler)
-        return handler
-
-    return register
+    return get_and_post(routes, f"/api/0/{action}/{{domain}}")
 
 
 async def run_action(request: web.Request, action: str, operation: Operation,

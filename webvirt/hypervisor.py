@@ -62,10 +62,6 @@ class Hypervisor:
         self._closing = False
 
     @property
-    def connected(self) -> bool:
-        return self._conn is not None
-
-    @property
     def display_uri(self) -> str:
         return self.uri or "libvirt's default URI"
 
