@@ -143,8 +143,10 @@ async def test_a_client_that_falls_behind_is_told_and_dropped_alone(client: Test
             message = await flooded.receive(timeout=5)
             if message.type != aiohttp.WSMsgType.TEXT:
                 break
-            seen.append(json.loads(message.data)["type"])
-        assert seen[-1] == "lagging"
+            seen.append(json.loads(message.data))
+        last = seen[-1]
+        assert last["type"] == "lagging"
+        assert last["seq"] == hub.seq and last["time"] > 0  # like every other message
         assert flooded.close_code == CLOSE_LAGGING
 
         # The other client was not affected and still gets its events.

@@ -164,6 +164,12 @@ class EventHub:
         for subscription in self._subscriptions:
             subscription.offer(text)
 
+    def lagging_text(self) -> str:
+        """The last word to a dropped client; `seq` tells it how far the stream had got."""
+        return json.dumps({"seq": self.seq, "time": time.time(), "type": "lagging",
+                           "detail": "client fell behind the event stream and is "
+                                     "disconnected; reconnect for a fresh snapshot"})
+
     def end_all(self) -> None:
         for subscription in self._subscriptions:
             subscription.end()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -20,11 +19,6 @@ routes = web.RouteTableDef()
 
 # A private-use close code: "you fell behind and were dropped; reconnect".
 CLOSE_LAGGING = 4000
-LAGGING_TEXT = json.dumps({
-    "type": "lagging",
-    "detail": "client fell behind the event stream and is disconnected; reconnect for a "
-              "fresh snapshot",
-})
 
 
 @routes.get("/api/0/events", allow_head=False)
@@ -101,7 +95,7 @@ async def serve_websocket(request: web.Request, event_filter: EventFilter) -> we
                 log.warning("event client %s fell behind; dropped", request.remote)
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(1):
-                        await ws.send_str(LAGGING_TEXT)
+                        await ws.send_str(hub.lagging_text())
                 await ws.close(code=CLOSE_LAGGING, message=b"client fell behind")
         else:
             sender.cancel()
@@ -129,5 +123,5 @@ async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.Stre
         with contextlib.suppress(ConnectionResetError, ConnectionError):
             if await pump(subscription, send) is Signal.LAGGING:
                 log.warning("event client %s fell behind; dropped", request.remote)
-                await send(LAGGING_TEXT)
+                await send(hub.lagging_text())
     return response
