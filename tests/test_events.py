@@ -7,12 +7,14 @@ import json
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory
 from webvirt.appkeys import EVENT_HUB
-from webvirt.events import QUEUE_LIMIT
+from webvirt.messages import websocket_text_frame
 from webvirt.stream import CLOSE_LAGGING
+from webvirt.subscribers import QUEUE_LIMIT
 
 
 async def next_json(ws: aiohttp.ClientWebSocketResponse, seconds: float = 5) -> dict[str, Any]:
@@ -128,15 +130,43 @@ async def test_heartbeats(make_client: ClientFactory) -> None:
         assert beat["clients"] == 1
 
 
-async def test_a_client_that_falls_behind_is_told_and_dropped_alone(client: TestClient) -> None:
+async def test_frames_of_every_length_encoding_arrive_whole(client: TestClient) -> None:
+    # All three header forms of RFC 6455, read by aiohttp's own client.
     hub = client.app[EVENT_HUB]
+    async with client.ws_connect("/api/0/events") as ws:
+        await next_json(ws)
+        for size in (0, 100, 65536, 300_000):
+            hub.publish("reboot", domain="linux-dev", uuid="x", padding="x" * size)
+            message = await ws.receive(timeout=5)
+            assert message.type == aiohttp.WSMsgType.TEXT
+            assert len(json.loads(message.data)["padding"]) == size
+
+
+@pytest.mark.parametrize(("length", "header"), [
+    (0, b"\x81\x00"), (125, b"\x81\x7d"),
+    (126, b"\x81\x7e\x00\x7e"), (65535, b"\x81\x7e\xff\xff"),
+    (65536, b"\x81\x7f\x00\x00\x00\x00\x00\x01\x00\x00"),
+])
+def test_frame_header_at_each_length_boundary(length: int, header: bytes) -> None:
+    payload = b"x" * length
+    assert websocket_text_frame(payload) == header + payload
+
+
+async def test_a_websocket_client_that_stops_reading_is_told_and_dropped_alone(
+        client: TestClient) -> None:
+    hub = client.app[EVENT_HUB]
+    padding = "x" * 65536
     async with client.ws_connect("/api/0/events") as flooded, \
             client.ws_connect("/api/0/events?domain=win11") as calm:
         await next_json(calm)
-        # One burst in one loop turn: the flooded client's queue overflows before any send.
-        for n in range(QUEUE_LIMIT + 10):
-            hub.publish("reboot", domain="linux-dev", uuid="x", n=n)
-        assert hub.client_count == 2
+        # The flooded client reads nothing: aiohttp's client stops taking data after 64 KiB,
+        # then the kernel's socket buffers fill, then the server's write buffer.
+        for n in range(2000):
+            hub.publish("reboot", domain="linux-dev", uuid="x", n=n, padding=padding)
+            await asyncio.sleep(0)  # let the transports send what the kernel will take
+            if hub.client_count == 1:
+                break
+        assert hub.client_count == 1, "the flooded client was never dropped"
 
         seen = []
         while True:
@@ -148,11 +178,28 @@ async def test_a_client_that_falls_behind_is_told_and_dropped_alone(client: Test
         assert last["type"] == "lagging"
         assert last["seq"] == hub.seq and last["time"] > 0  # like every other message
         assert flooded.close_code == CLOSE_LAGGING
+        # What it did get was whole and in order.
+        numbers = [m["n"] for m in seen if m["type"] == "reboot"]
+        assert numbers == list(range(len(numbers)))
 
         # The other client was not affected and still gets its events.
         await client.get("/api/0/start/win11")
         event = await next_of_type(calm, "lifecycle")
         assert event["domain"] == "win11"
+
+
+async def test_a_server_sent_events_client_that_falls_behind_is_told_and_dropped(
+        client: TestClient) -> None:
+    hub = client.app[EVENT_HUB]
+    response = await client.get("/api/0/events", headers={"Accept": "text/event-stream"})
+    # One burst in one loop turn: the client's queue overflows before anything is sent.
+    for n in range(QUEUE_LIMIT + 10):
+        hub.publish("reboot", domain="linux-dev", uuid="x", n=n)
+    body = await asyncio.wait_for(response.text(), 5)  # the server ends the stream
+    messages = [json.loads(line[len("data: "):]) for line in body.splitlines() if line]
+    assert [m["type"] for m in messages] == ["snapshot", "lagging"]
+    assert messages[-1]["seq"] == hub.seq
+    assert hub.client_count == 0
 
 
 async def test_clients_are_closed_when_the_server_stops(make_client: ClientFactory) -> None:

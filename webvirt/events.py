@@ -1,22 +1,21 @@
 """The event hub: numbers every event, keeps the domain-state cache, fans out to clients.
 
-A message is serialized once and the same string goes to every matching client. Each client
-has a bounded queue; one that falls behind is told so and dropped, never slowing the others.
+A message is serialized once and the same object goes to every matching subscriber
+(webvirt/subscribers.py); none of them may block the hub or slow the others.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from webvirt.errors import ApiError
+from webvirt.messages import Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,6 @@ CATEGORIES: dict[str, frozenset[str]] = {
 EVENT_TYPES = frozenset().union(*CATEGORIES.values())
 # Always delivered, whatever the filter.
 CONTROL_TYPES = frozenset({"snapshot", "heartbeat", "lagging"})
-QUEUE_LIMIT = 512
 
 
 @dataclass(frozen=True)
@@ -68,33 +66,14 @@ def _split(value: str | None) -> frozenset[str] | None:
     return frozenset(w.strip() for w in value.split(",") if w.strip())
 
 
-class Signal(enum.Enum):
-    END = "end"  # the server is shutting down
-    LAGGING = "lagging"  # the client fell behind and is dropped
+class Subscriber(Protocol):
+    filter: EventFilter
 
-
-class Subscription:
-    def __init__(self, event_filter: EventFilter):
-        self.filter = event_filter
-        self.queue: asyncio.Queue[str | Signal] = asyncio.Queue(QUEUE_LIMIT)
-        self.dropped = False
-
-    def offer(self, text: str) -> None:
-        if self.dropped:
-            return
-        try:
-            self.queue.put_nowait(text)
-        except asyncio.QueueFull:
-            # What is queued is stale now; the client reconnects for a fresh snapshot.
-            self.dropped = True
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self.queue.put_nowait(Signal.LAGGING)
+    def offer(self, message: Outgoing) -> None:
+        """Take a message for the client; never blocks, never raises."""
 
     def end(self) -> None:
-        """Ask the client's writer to finish (server shutting down)."""
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(Signal.END)
+        """The server is shutting down."""
 
 
 class EventHub:
@@ -102,21 +81,21 @@ class EventHub:
         self.seq = 0
         self.connected = False
         self.domains: dict[str, dict[str, str]] = {}  # name -> {name, uuid, state}
-        self._subscriptions: set[Subscription] = set()
+        self._subscribers: set[Subscriber] = set()
         self._watchers: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[None]]] = []
 
     @property
     def client_count(self) -> int:
-        return len(self._subscriptions)
+        return len(self._subscribers)
 
     def publish(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
         message = {"seq": self.seq, "time": time.time(), "type": kind, **fields}
-        text = json.dumps(message)
+        outgoing = Outgoing(json.dumps(message))
         domain = fields.get("domain")
-        for subscription in self._subscriptions:
-            if subscription.filter.wants(kind, domain):
-                subscription.offer(text)
+        for subscriber in self._subscribers:
+            if subscriber.filter.wants(kind, domain):
+                subscriber.offer(outgoing)
         if self._watchers:
             self._notify_watchers(message)
         return message
@@ -138,14 +117,12 @@ class EventHub:
                 waiting.append((predicate, future))
         self._watchers = waiting
 
-    def subscribe(self, event_filter: EventFilter) -> Subscription:
-        subscription = Subscription(event_filter)
-        subscription.offer(self.snapshot_text(event_filter))
-        self._subscriptions.add(subscription)
-        return subscription
+    def subscribe(self, subscriber: Subscriber) -> None:
+        subscriber.offer(Outgoing(self.snapshot_text(subscriber.filter)))
+        self._subscribers.add(subscriber)
 
-    def unsubscribe(self, subscription: Subscription) -> None:
-        self._subscriptions.discard(subscription)
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
 
     def snapshot_text(self, event_filter: EventFilter) -> str:
         wanted = event_filter.domains
@@ -155,14 +132,15 @@ class EventHub:
                            "connected": self.connected, "domains": domains})
 
     def broadcast_snapshot(self) -> None:
-        for subscription in self._subscriptions:
-            subscription.offer(self.snapshot_text(subscription.filter))
+        for subscriber in self._subscribers:
+            subscriber.offer(Outgoing(self.snapshot_text(subscriber.filter)))
 
     def heartbeat(self) -> None:
-        text = json.dumps({"seq": self.seq, "time": time.time(), "type": "heartbeat",
-                           "connected": self.connected, "clients": len(self._subscriptions)})
-        for subscription in self._subscriptions:
-            subscription.offer(text)
+        beat = Outgoing(json.dumps({"seq": self.seq, "time": time.time(), "type": "heartbeat",
+                                    "connected": self.connected,
+                                    "clients": len(self._subscribers)}))
+        for subscriber in self._subscribers:
+            subscriber.offer(beat)
 
     def lagging_text(self) -> str:
         """The last word to a dropped client; `seq` tells it how far the stream had got."""
@@ -171,8 +149,8 @@ class EventHub:
                                      "disconnected; reconnect for a fresh snapshot"})
 
     def end_all(self) -> None:
-        for subscription in self._subscriptions:
-            subscription.end()
+        for subscriber in self._subscribers:
+            subscriber.end()
 
     # The domain-state cache, kept current by lifecycle events.
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import WSCloseCode, web
 from aiohttp_apigami import docs
 
 from webvirt.appkeys import EVENT_HUB, SETTINGS
 from webvirt.errors import ApiError
-from webvirt.events import EventFilter, EventHub, Signal, Subscription
+from webvirt.events import EventFilter, EventHub, Subscriber
+from webvirt.messages import Outgoing, Signal
+from webvirt.subscribers import QueuedSubscriber, WebSocketSubscriber
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -55,51 +57,49 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 @contextlib.asynccontextmanager
-async def subscribed(hub: EventHub, event_filter: EventFilter,
-                     peer: str | None) -> AsyncIterator[Subscription]:
-    subscription = hub.subscribe(event_filter)
+async def subscribed(hub: EventHub, subscriber: Subscriber,
+                     peer: str | None) -> AsyncIterator[None]:
+    hub.subscribe(subscriber)
     log.info("event client %s connected (%d clients)", peer, hub.client_count)
     try:
-        yield subscription
+        yield
     finally:
-        hub.unsubscribe(subscription)
+        hub.unsubscribe(subscriber)
         log.info("event client %s left (%d clients)", peer, hub.client_count)
-
-
-async def pump(subscription: Subscription, send: Callable[[str], Awaitable[None]]) -> Signal:
-    """Send queued messages until the server ends the stream or the client lags behind."""
-    while True:
-        item = await subscription.queue.get()
-        if isinstance(item, Signal):
-            return item
-        await send(item)
 
 
 async def serve_websocket(request: web.Request, event_filter: EventFilter) -> web.WebSocketResponse:
     heartbeat = request.app[SETTINGS].heartbeat_s
-    # No permessage-deflate: messages are small, and compressing each one once per client
-    # was most of the fan-out time with 1000 clients.
+    # No permessage-deflate: messages are small, and the subscriber writes each event as one
+    # frame built once for all clients.
     ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False)
     await ws.prepare(request)
+    transport = request.transport
+    if transport is None:  # the client left during the handshake
+        return ws
     hub = request.app[EVENT_HUB]
-    async with subscribed(hub, event_filter, request.remote) as subscription:
-        sender = asyncio.ensure_future(pump(subscription, ws.send_str))
+    subscriber = WebSocketSubscriber(event_filter, ws, transport)
+    async with subscribed(hub, subscriber, request.remote):
         # Reading is what notices a client that went away; clients have nothing to say.
         reader = asyncio.ensure_future(_drain_incoming(ws))
-        await asyncio.wait({sender, reader}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({reader, subscriber.finished}, return_when=asyncio.FIRST_COMPLETED)
         reader.cancel()
-        if sender.done() and not sender.cancelled() and sender.exception() is None:
-            if sender.result() is Signal.END:
+    if subscriber.finished.done():
+        await _close(ws, request.remote, subscriber.finished.result(), hub)
+    return ws
+
+
+async def _close(ws: web.WebSocketResponse, peer: str | None, signal: Signal,
+                 hub: EventHub) -> None:
+    # Bounded: a client that stopped reading must not keep the handler (or shutdown) waiting.
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(5):
+            if signal is Signal.END:
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
             else:
-                log.warning("event client %s fell behind; dropped", request.remote)
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(1):
-                        await ws.send_str(hub.lagging_text())
+                log.warning("event client %s fell behind; dropped", peer)
+                await ws.send_str(hub.lagging_text())
                 await ws.close(code=CLOSE_LAGGING, message=b"client fell behind")
-        else:
-            sender.cancel()
-    return ws
 
 
 async def _drain_incoming(ws: web.WebSocketResponse) -> None:
@@ -119,9 +119,12 @@ async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.Stre
     async def send(text: str) -> None:
         await response.write(f"data: {text}\n\n".encode())
 
-    async with subscribed(hub, event_filter, request.remote) as subscription:
+    subscriber = QueuedSubscriber(event_filter)
+    async with subscribed(hub, subscriber, request.remote):
         with contextlib.suppress(ConnectionResetError, ConnectionError):
-            if await pump(subscription, send) is Signal.LAGGING:
+            while isinstance(item := await subscriber.queue.get(), Outgoing):
+                await send(item.text)
+            if item is Signal.LAGGING:
                 log.warning("event client %s fell behind; dropped", request.remote)
                 await send(hub.lagging_text())
     return response
