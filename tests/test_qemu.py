@@ -5,15 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import REPO
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
+from tests.processes import free_port, wait_until_serving
 
 pytestmark = pytest.mark.qemu
 
@@ -243,3 +249,34 @@ async def test_a_frozen_daemon_gives_504_not_a_pile_up(
         await asyncio.sleep(0.2)
     else:
         raise AssertionError("webvirt did not recover after the daemon was resumed")
+
+
+def test_ctrl_c_ends_webvirt_even_while_the_daemon_is_frozen(
+        libvirt_daemon: LibvirtDaemon) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "webvirt", "--connect", libvirt_daemon.uri, "--port", str(port),
+         "--call-timeout", "1"],
+        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
+        libvirt_daemon.signal(signal.SIGSTOP)
+        try:
+            # A worker thread is now stuck in a call the daemon will not answer.
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/0/domains", timeout=10)
+            refused.value.close()
+            assert refused.value.code == 504
+            started = time.monotonic()
+            server.send_signal(signal.SIGINT)
+            server.wait(60)
+            elapsed = time.monotonic() - started
+        finally:
+            libvirt_daemon.signal(signal.SIGCONT)
+    finally:
+        if server.poll() is None:
+            server.kill()
+        _, log = server.communicate(timeout=10)
+    assert server.returncode == 0, log
+    assert elapsed < 10, f"shutdown took {elapsed:.1f} s:\n{log}"
+    assert "shutting down" in log

@@ -7,13 +7,15 @@ import contextlib
 import gc
 import logging
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from functools import partial
 from typing import Protocol, TypeVar
 
 import libvirt
 import libvirtaio
 
 from webvirt.errors import ApiError, CallTimeout, Unavailable, from_libvirt, is_connection_error
+from webvirt.worker_threads import DaemonThreadPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -25,6 +27,7 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 KEEPALIVE_INTERVAL_S = 2
 KEEPALIVE_COUNT = 3
 RECONNECT_DELAYS_S = (0.2, 0.5, 1, 2, 5)
+SHUTDOWN_CALL_S = 2
 
 
 class ConnectionListener(Protocol):
@@ -53,8 +56,9 @@ class Hypervisor:
         self.uri = uri
         self.call_timeout = call_timeout
         self._conn: libvirt.virConnect | None = None
+        self.connected_uri = "?"  # the URI libvirt resolved, for logs and events
         self._listeners: list[ConnectionListener] = []
-        self._executor = ThreadPoolExecutor(max_workers=max_calls, thread_name_prefix="libvirt")
+        self._executor = DaemonThreadPool(max_calls, "libvirt")
         # One slot per worker thread; a hung call keeps its slot, so hung calls cannot pile up
         # and later callers time out waiting for a slot instead.
         self._slots = asyncio.Semaphore(max_calls)
@@ -74,7 +78,7 @@ class Hypervisor:
         self._closing = False
         conn = await self._open_connection()
         await self._adopt(conn)
-        log.info("connected to libvirt at %s", conn_uri(conn))
+        log.info("connected to libvirt at %s", self.connected_uri)
 
     async def close(self) -> None:
         self._closing = True
@@ -84,18 +88,17 @@ class Hypervisor:
                 await self._reconnect_task
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.unregisterCloseCallback()
             for listener in self._listeners:
                 listener.disconnected("server shutting down")
+            # Short: at shutdown a stuck daemon is not worth waiting for.
             with contextlib.suppress(libvirt.libvirtError, CallTimeout):
-                await self.run_blocking(conn.close, seconds=5)
+                await self.run_blocking(partial(_release, conn), seconds=SHUTDOWN_CALL_S)
             del conn
         # Free libvirt objects still held in reference cycles now, while their handles can
         # still be released through the running loop, not at interpreter exit.
         gc.collect()
         await asyncio.sleep(0)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown()
 
     async def call(
         self, fn: Callable[[libvirt.virConnect], T], seconds: float | None = None
@@ -135,22 +138,26 @@ class Hypervisor:
 
     async def _open_connection(self) -> libvirt.virConnect:
         try:
-            conn = await self.run_blocking(lambda: libvirt.open(self.uri))
-            with contextlib.suppress(libvirt.libvirtError):
-                # Only remote connections support keepalive; local drivers refuse it.
-                await self.run_blocking(
-                    lambda: conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
-                )
-            return conn
+            conn, self.connected_uri = await self.run_blocking(self._connect_blocking)
         except libvirt.libvirtError as err:
             raise Unavailable(
                 f"cannot connect to libvirt at {self.display_uri}: {err.get_error_message()}"
             ) from None
+        return conn
+
+    def _connect_blocking(self) -> tuple[libvirt.virConnect, str]:
+        conn = libvirt.open(self.uri)
+        with contextlib.suppress(libvirt.libvirtError):
+            # Only remote connections support keepalive; local drivers refuse it.
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+        return conn, conn_uri(conn)
 
     async def _adopt(self, conn: libvirt.virConnect) -> None:
         self._conn = conn
-        # The close callback runs on the event loop thread (libvirtaio dispatches it).
-        conn.registerCloseCallback(lambda c, reason, _o: self._lost(c, close_reason(reason)), None)
+        # Registered from a thread like every libvirt call; libvirtaio then runs the callback
+        # on the event loop thread.
+        await self.run_blocking(lambda: conn.registerCloseCallback(
+            lambda c, reason, _o: self._lost(c, close_reason(reason)), None))
         for listener in self._listeners:
             await listener.connected(conn)
 
@@ -164,7 +171,7 @@ class Hypervisor:
         for listener in self._listeners:
             listener.disconnected(reason)
         # Closing may block on a dead socket, so it happens off the loop and is not awaited.
-        self._executor.submit(_close_quietly, conn)
+        self._executor.submit(partial(_close_quietly, conn))
         self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
@@ -178,7 +185,8 @@ class Hypervisor:
                 log.debug("reconnect attempt %d failed: %s", attempt, err.detail)
                 continue
             if self._closing:
-                _close_quietly(conn)
+                with contextlib.suppress(CallTimeout):
+                    await self.run_blocking(partial(_close_quietly, conn), seconds=SHUTDOWN_CALL_S)
                 return
             try:
                 await self._adopt(conn)
@@ -186,13 +194,19 @@ class Hypervisor:
                 log.debug("reconnect attempt %d failed while setting up: %s", attempt, err)
                 self._lost(conn, "failed while setting up")
                 return  # _lost started a new reconnect task
-            log.info("reconnected to libvirt at %s after %d attempt(s)", conn_uri(conn), attempt)
+            log.info("reconnected to libvirt at %s after %d attempt(s)", self.connected_uri,
+                     attempt)
             return
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is already closed
         loop.call_soon_threadsafe(fn)
+
+
+def _release(conn: libvirt.virConnect) -> None:
+    conn.unregisterCloseCallback()
+    conn.close()
 
 
 def _close_quietly(conn: libvirt.virConnect) -> None:

@@ -14,7 +14,7 @@ import libvirt
 from webvirt.domains import state_name
 from webvirt.errors import ApiError
 from webvirt.events import EventHub
-from webvirt.hypervisor import Hypervisor, conn_uri
+from webvirt.hypervisor import SHUTDOWN_CALL_S, Hypervisor
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class LibvirtEventSource:
         self.hub.replace_domains(await self.hypervisor.run_blocking(lambda: read_domains(conn)))
         self.hub.connected = True
         if self._ever_connected:
-            self.hub.publish("connection", state="restored", uri=conn_uri(conn))
+            self.hub.publish("connection", state="restored", uri=self.hypervisor.connected_uri)
             self.hub.broadcast_snapshot()
         self._ever_connected = True
 
@@ -95,7 +95,7 @@ class LibvirtEventSource:
                 conn.nodeDeviceEventDeregisterAny(callback_id)
 
         try:
-            await self.hypervisor.run_blocking(unregister_all, seconds=5)
+            await self.hypervisor.run_blocking(unregister_all, seconds=SHUTDOWN_CALL_S)
         except (libvirt.libvirtError, ApiError) as err:  # closing anyway; just say so
             log.debug("could not unregister libvirt callbacks: %s", err)
 
