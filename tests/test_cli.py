@@ -70,7 +70,7 @@ def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 def test_token_from_the_environment_and_lan_warning() -> None:
     port = free_port()
-    env = {**os.environ, "WEBVIRT_TOKEN": "abc"}
+    env = {**os.environ, "WEBVIRT_TOKEN": "abc-not-in-logs"}
     process = subprocess.Popen(
         [sys.executable, "-m", "webvirt", "--connect", DEMO_HOST_URI, "--port", str(port)],
         cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
@@ -82,12 +82,17 @@ def test_token_from_the_environment_and_lan_warning() -> None:
             raise AssertionError("answered without the token")
         except urllib.error.HTTPError as err:
             assert err.code == 401
-        request = urllib.request.Request(url, headers={"Authorization": "Bearer abc"})
+        request = urllib.request.Request(url, headers={"Authorization": "Bearer abc-not-in-logs"})
         with urllib.request.urlopen(request, timeout=2) as response:
+            assert response.status == 200
+        with urllib.request.urlopen(url + "?token=abc-not-in-logs&x=1", timeout=2) as response:
             assert response.status == 200
     finally:
         process.terminate()
-        process.communicate(timeout=10)
+        _, log = process.communicate(timeout=10)
+    assert "refused GET /api/0/version from 127.0.0.1: a valid token is required" in log
+    assert '"GET /api/0/version?token=***&x=1 HTTP/1.1" 200' in log
+    assert "abc-not-in-logs" not in log
 
     result = webvirt("--connect", "qemu+unix:///system?socket=/nonexistent/sock",
                      "--address", "0.0.0.0", "--port", str(free_port()))

@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from webvirt import __version__
+from webvirt.access_log import AccessLogger
 from webvirt.app import create_app
 from webvirt.config import Settings
 from webvirt.errors import ApiError
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(settings: Settings, address: str, port: int) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log_format='%a "%r" %s %b %Tfs')
+    runner = web.AppRunner(app, access_log_class=AccessLogger)
     await runner.setup()
     try:
         site = web.TCPSite(runner, address, port)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -18,6 +19,8 @@ from aiohttp.typedefs import Handler
 
 from webvirt.config import Settings
 from webvirt.middlewares import error_body
+
+log = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "/api/"
 # Where the spec lives: readable without a token so /docs can load it.
@@ -88,22 +91,28 @@ class Guard:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not self.host_allowed(request.headers.get("Host")):
-            return error_body(
-                403, "host_not_allowed",
-                f"Host {request.headers.get('Host')!r} is not an allowed name for this server "
-                "(start webvirt with --allow-host NAME to add it)")
+            return refuse(request, 403, "host_not_allowed",
+                          f"Host {request.headers.get('Host')!r} is not an allowed name for "
+                          "this server (start webvirt with --allow-host NAME to add it)")
         if request.path.startswith(PROTECTED_PREFIX) and request.path not in PUBLIC_PATHS:
             reason = self.cross_site(request)
             if reason is not None:
-                return error_body(403, "cross_site_request",
-                                  f"cross-site requests are refused ({reason})")
+                return refuse(request, 403, "cross_site_request",
+                              f"cross-site requests are refused ({reason})")
             if self.token is not None and not self.token_ok(request):
-                response = error_body(401, "unauthorized",
-                                      "a valid token is required: Authorization: Bearer TOKEN "
-                                      "or ?token=TOKEN")
+                response = refuse(request, 401, "unauthorized",
+                                  "a valid token is required: Authorization: Bearer TOKEN "
+                                  "or ?token=TOKEN")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="webvirt"'
                 return response
         return await handler(request)
+
+
+def refuse(request: web.Request, status: int, code: str, detail: str) -> web.Response:
+    # A warning: on a LAN, someone (or some web page) tried to reach the API.
+    log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote,
+                detail)
+    return error_body(status, code, detail)
 
 
 def split_hosts(values: Iterable[str]) -> tuple[str, ...]:
