@@ -205,7 +205,8 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], object]) -> Non
 
 
 def _release(conn: libvirt.virConnect) -> None:
-    conn.unregisterCloseCallback()
+    with contextlib.suppress(libvirt.libvirtError):  # a broken connection is closed all the same
+        conn.unregisterCloseCallback()
     conn.close()
 
 
