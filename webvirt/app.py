@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -27,8 +26,6 @@ from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
 from webvirt.security import Guard
 from webvirt.templates import TemplateStore
-
-log = logging.getLogger(__name__)
 
 
 async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:

@@ -57,22 +57,15 @@ def hostdevs(domain_xml: str) -> list[dict[str, Any]]:
         if source is None:
             continue
         kind = hostdev.get("type")
+        if kind not in ("usb", "pci"):
+            continue
         alias = hostdev.find("alias")
         entry: dict[str, Any] = {"type": kind, "mode": hostdev.get("mode"),
                                  "alias": alias.get("name") if alias is not None else None}
         if kind == "usb":
-            vendor, product = _usb_ids(source)
-            address = source.find("address")
-            entry |= {
-                "vendor_id": f"{vendor:04x}" if vendor is not None else None,
-                "product_id": f"{product:04x}" if product is not None else None,
-                "address": (usb_address(address.get("bus"), address.get("device"))
-                            if address is not None else None),
-            }
-        elif kind == "pci":
-            entry["address"] = pci_address(source.find("address"))
-        else:
-            continue
+            entry |= {"vendor_id": _id_text(source.find("vendor")),
+                      "product_id": _id_text(source.find("product"))}
+        entry["address"] = _address_key(kind, source.find("address"))
         devices.append(entry)
     return devices
 

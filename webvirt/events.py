@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -16,8 +15,6 @@ from typing import Any, Protocol
 
 from webvirt.errors import ApiError
 from webvirt.messages import Outgoing
-
-log = logging.getLogger(__name__)
 
 # Event types, grouped into the categories a client may filter on with ?type=.
 CATEGORIES: dict[str, frozenset[str]] = {
@@ -90,7 +87,7 @@ class EventHub:
 
     def publish(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
-        message = {"seq": self.seq, "time": time.time(), "type": kind, **fields}
+        message = self._envelope(kind, **fields)
         outgoing = Outgoing(json.dumps(message))
         domain = fields.get("domain")
         for subscriber in self._subscribers:
@@ -128,25 +125,28 @@ class EventHub:
         wanted = event_filter.domains
         domains = [d for name, d in sorted(self.domains.items())
                    if wanted is None or name in wanted]
-        return json.dumps({"seq": self.seq, "time": time.time(), "type": "snapshot",
-                           "connected": self.connected, "domains": domains})
+        return json.dumps(self._envelope("snapshot", connected=self.connected,
+                                         domains=domains))
 
     def broadcast_snapshot(self) -> None:
         for subscriber in self._subscribers:
             subscriber.offer(Outgoing(self.snapshot_text(subscriber.filter)))
 
     def heartbeat(self) -> None:
-        beat = Outgoing(json.dumps({"seq": self.seq, "time": time.time(), "type": "heartbeat",
-                                    "connected": self.connected,
-                                    "clients": len(self._subscribers)}))
+        beat = Outgoing(json.dumps(self._envelope("heartbeat", connected=self.connected,
+                                                  clients=len(self._subscribers))))
         for subscriber in self._subscribers:
             subscriber.offer(beat)
 
     def lagging_text(self) -> str:
         """The last word to a dropped client; `seq` tells it how far the stream had got."""
-        return json.dumps({"seq": self.seq, "time": time.time(), "type": "lagging",
-                           "detail": "client fell behind the event stream and is "
-                                     "disconnected; reconnect for a fresh snapshot"})
+        return json.dumps(self._envelope(
+            "lagging", detail="client fell behind the event stream and is disconnected; "
+                              "reconnect for a fresh snapshot"))
+
+    def _envelope(self, kind: str, **fields: Any) -> dict[str, Any]:
+        # Every message: control messages carry the seq of the latest event.
+        return {"seq": self.seq, "time": time.time(), "type": kind, **fields}
 
     def end_all(self) -> None:
         for subscriber in self._subscribers:
