@@ -11,10 +11,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.libvirt_daemon import LibvirtDaemon
+from tests.processes import REPO
 from webvirt.app import create_app
 from webvirt.config import Settings
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO_HOST_URI = f"test://{REPO / 'demo' / 'host.xml'}"
 
 ClientFactory = Callable[..., Awaitable[TestClient]]

@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.conftest import DEMO_HOST_URI, REPO
-from tests.processes import free_port, wait_until_serving
+from tests.processes import free_port, spawn_webvirt, wait_until_serving
 
 
 def webvirt(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -51,9 +51,7 @@ def test_port_in_use_is_a_one_line_error() -> None:
 
 def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "webvirt", "--connect", DEMO_HOST_URI, "--port", str(port)],
-        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    process = spawn_webvirt(DEMO_HOST_URI, port)
     try:
         url = f"http://127.0.0.1:{port}/api/0/state/win11"
         wait_until_serving(url)
@@ -71,9 +69,7 @@ def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_token_from_the_environment_and_lan_warning() -> None:
     port = free_port()
     env = {**os.environ, "WEBVIRT_TOKEN": "abc-not-in-logs"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "webvirt", "--connect", DEMO_HOST_URI, "--port", str(port)],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+    process = spawn_webvirt(DEMO_HOST_URI, port, env=env)
     try:
         url = f"http://127.0.0.1:{port}/api/0/version"
         wait_until_serving(url)

@@ -8,16 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import DEMO_HOST_URI, REPO
-from tests.processes import free_port, wait_until_serving
+from tests.conftest import DEMO_HOST_URI
+from tests.processes import free_port, spawn_webvirt, wait_until_serving
 
 
 def test_schemathesis_finds_no_500s_and_no_spec_violations(tmp_path: Path) -> None:
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "webvirt", "--connect", DEMO_HOST_URI, "--port", str(port),
-         "--log-level", "warning"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    server = spawn_webvirt(DEMO_HOST_URI, port, "--log-level", "warning")
     spec_url = f"http://127.0.0.1:{port}/api/0/openapi.json"
     try:
         wait_until_serving(spec_url)

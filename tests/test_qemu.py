@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -17,9 +15,8 @@ import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import REPO
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
-from tests.processes import free_port, wait_until_serving
+from tests.processes import free_port, spawn_webvirt, wait_until_serving
 
 pytestmark = pytest.mark.qemu
 
@@ -254,10 +251,7 @@ async def test_a_frozen_daemon_gives_504_not_a_pile_up(
 def test_ctrl_c_ends_webvirt_even_while_the_daemon_is_frozen(
         libvirt_daemon: LibvirtDaemon) -> None:
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "webvirt", "--connect", libvirt_daemon.uri, "--port", str(port),
-         "--call-timeout", "1"],
-        cwd=REPO, stderr=subprocess.PIPE, text=True)
+    server = spawn_webvirt(libvirt_daemon.uri, port, "--call-timeout", "1")
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
         libvirt_daemon.signal(signal.SIGSTOP)
