@@ -136,27 +136,23 @@ def fanout_rows(clients: int, changes: int) -> list[Row]:
 
 
 async def cache_vs_rpc(uri: str, name: str, calls: int) -> tuple[float, float]:
-    """Seconds per state lookup: a libvirt RPC on a worker thread vs the event-fed cache."""
-    from webvirt import domains
+    """Seconds per state lookup: a libvirt RPC on a connection's thread vs the cache."""
     from webvirt.events import EventHub
-    from webvirt.hypervisor import Hypervisor
-    from webvirt.libvirt_events import LibvirtEventSource
+    from webvirt.host import Host, read_domain
 
-    hypervisor = Hypervisor(uri)
-    hub = EventHub()
-    hypervisor.add_listener(LibvirtEventSource(hub, hypervisor))
-    await hypervisor.open()
+    host = Host(uri, EventHub())
+    await host.open()
     try:
         started = time.perf_counter()
         for _ in range(calls):
-            await hypervisor.call(partial(domains.state, name=name))
+            await host.call(partial(read_domain, ref=name))
         rpc = (time.perf_counter() - started) / calls
         started = time.perf_counter()
         for _ in range(calls):
-            assert hub.cached_state(name) == "running"
+            assert (await host.resolve(name)).state == "running"
         cached = (time.perf_counter() - started) / calls
     finally:
-        await hypervisor.close()
+        await host.close()
     return rpc, cached
 
 

@@ -6,6 +6,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.test_seed_api import get_json
+from webvirt.appkeys import HOST
 
 
 async def test_list_domains(client: TestClient) -> None:
@@ -104,9 +105,15 @@ async def test_toggle_is_501_on_the_test_driver(client: TestClient) -> None:
 
 
 async def test_a_second_action_while_one_runs_is_409(client: TestClient) -> None:
-    from webvirt.appkeys import DOMAIN_LOCKS
-    with client.app[DOMAIN_LOCKS].hold("win11"):
+    host = client.app[HOST]
+    win11 = await host.resolve("win11")
+    with host.exclusive(win11):
         body = await get_json(client, "/api/0/start/win11", 409)
-    assert body["code"] == "operation_in_progress"
+        assert body["code"] == "operation_in_progress"
+        # The same domain addressed by its UUID is the same domain, under the same lock.
+        body = await get_json(client, f"/api/0/start/{win11.uuid}", 409)
+        assert body["code"] == "operation_in_progress"
+        body = await get_json(client, f"/api/0/attach/{win11.uuid.upper()}/usb_tablet", 409)
+        assert body["code"] == "operation_in_progress"
     # Force off is never locked out.
     assert await get_json(client, "/api/0/destroy/linux-dev") == "forced off"

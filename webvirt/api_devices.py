@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import device_xml, domains
-from webvirt.appkeys import DOMAIN_LOCKS, EVENT_HUB, HYPERVISOR, TEMPLATES
+from webvirt.appkeys import EVENT_HUB, HOST, TEMPLATES
 from webvirt.errors import ApiError
 from webvirt.routing import get_and_post
 from webvirt.schemas import (
@@ -54,29 +54,31 @@ def device_route(action: str, summary: str, extra: str = "") -> Any:
 
 async def change_device(request: web.Request, action: str | None) -> web.Response:
     """Attach ("attach"), detach ("detach"), or whichever of the two applies (None: toggle)."""
-    name = request.match_info["domain"]
     template: DeviceTemplate = request.app[TEMPLATES].load(request.match_info["xml_name"])
     query = parse_query(request, DeviceQuery)
     xml, variables = template.render(request.query)
     live, persistent = bool(query["live"]), bool(query["persistent"])
     flags = domains.device_flags(live=live, persistent=persistent)
     parameters = {k.lower(): v for k, v in variables.items()}
-    hypervisor, hub = request.app[HYPERVISOR], request.app[EVENT_HUB]
-    event = {"domain": name, "template": template.name, "variables": parameters}
-    with request.app[DOMAIN_LOCKS].hold(name):
+    host, hub = request.app[HOST], request.app[EVENT_HUB]
+    entry = await host.resolve(request.match_info["domain"])
+    with host.exclusive(entry):
+        if action is None:
+            # A toggle that cannot tell which it is has not tried anything: no event.
+            current = await host.call(partial(domains.xml_for, uuid=entry.uuid, live=live))
+            action = "detach" if device_xml.has_device(current, xml) else "attach"
+        event = {"domain": entry.name, "uuid": entry.uuid, "template": template.name,
+                 "variables": parameters}
+        operation = domains.attach if action == "attach" else domains.detach
         try:
-            if action is None:
-                current = await hypervisor.call(partial(domains.xml_for, name=name, live=live))
-                action = "detach" if device_xml.has_device(current, xml) else "attach"
-            operation = domains.attach if action == "attach" else domains.detach
-            await hypervisor.call(partial(operation, name=name, xml=xml, flags=flags))
+            await host.call(partial(operation, uuid=entry.uuid, xml=xml, flags=flags))
         except ApiError as err:
             # Tell event clients which template it was: libvirt's events only name an alias.
-            hub.publish(action or "attach", **event, result="error", error=err.detail)
+            hub.publish(action, **event, result="error", error=err.detail)
             raise
     hub.publish(action, **event, result="ok")
-    log.info("%s %s on %s %s", action, template.name, name, parameters)
-    return web.json_response({"device": f"{action}ed", "xml": xml, "domain": name,
+    log.info("%s %s on %s %s", action, template.name, entry.name, parameters)
+    return web.json_response({"device": f"{action}ed", "xml": xml, "domain": entry.name,
                               "template": template.name, "variables": parameters})
 
 
@@ -108,8 +110,9 @@ async def toggle(request: web.Request) -> web.Response:
 )
 @match_info_schema(DomainPath)
 async def domain_devices(request: web.Request) -> web.Response:
-    name = request.match_info["domain"]
-    xml = await request.app[HYPERVISOR].call(partial(domains.xml_for, name=name, live=True))
+    host = request.app[HOST]
+    entry = await host.resolve(request.match_info["domain"])
+    xml = await host.call(partial(domains.xml_for, uuid=entry.uuid, live=True))
     return web.json_response(device_xml.hostdevs(xml))
 
 
@@ -155,4 +158,4 @@ def host_inventory(conn: libvirt.virConnect) -> list[dict[str, Any]]:
                **error_responses(501, 503, 504)},
 )
 async def host_devices(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[HYPERVISOR].call(host_inventory))
+    return web.json_response(await request.app[HOST].call(host_inventory))

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 import libvirt
@@ -16,7 +15,8 @@ from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import domains
-from webvirt.appkeys import DOMAIN_LOCKS, EVENT_HUB, HYPERVISOR
+from webvirt.appkeys import EVENT_HUB, HOST
+from webvirt.domain_cache import DomainEntry
 from webvirt.routing import get_and_post
 from webvirt.schemas import (
     DomainPath,
@@ -30,7 +30,7 @@ from webvirt.schemas import (
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
-Operation = Callable[[libvirt.virConnect, str], str]
+Operation = Callable[[libvirt.virDomain], str]
 
 
 def action_routes(action: str) -> Callable[[Any], Any]:
@@ -39,20 +39,13 @@ def action_routes(action: str) -> Callable[[Any], Any]:
 
 
 async def run_action(request: web.Request, action: str, operation: Operation,
-                     *, exclusive: bool = True) -> str:
-    name = request.match_info["domain"]
-    with request.app[DOMAIN_LOCKS].hold(name) if exclusive else contextlib.nullcontext():
-        result, state = await request.app[HYPERVISOR].call(
-            partial(act_then_read_state, operation=operation, name=name))
-    # So a state request right after this answers from the cache without lagging behind.
-    request.app[EVENT_HUB].refresh_state(name, domains.state_name(state))
-    log.info("%s %s: %s", action, name, result)
+                     *, exclusive: bool = True, entry: DomainEntry | None = None) -> str:
+    host = request.app[HOST]
+    entry = entry or await host.resolve(request.match_info["domain"])
+    with host.exclusive(entry) if exclusive else contextlib.nullcontext():
+        result = await host.act(entry, operation)
+    log.info("%s %s: %s", action, entry.name, result)
     return result
-
-
-def act_then_read_state(conn: libvirt.virConnect, operation: Operation,
-                        name: str) -> tuple[str, int]:
-    return operation(conn, name), domains.state(conn, name)
 
 
 @routes.get("/api/0/state/{domain}", allow_head=False)
@@ -67,15 +60,10 @@ def act_then_read_state(conn: libvirt.virConnect, operation: Operation,
 )
 @match_info_schema(DomainPath)
 async def get_state(request: web.Request) -> web.Response:
-    name = request.match_info["domain"]
-    hub = request.app[EVENT_HUB]
-    # libvirt's lifecycle events keep the cache current (rebuilt on every reconnect), so
-    # most requests need no libvirt call; unknown names and UUIDs ask libvirt.
-    cached = hub.cached_state(name) if hub.connected else None
-    if cached is not None:
-        return web.json_response(domains.SEED_TEXT_BY_NAME.get(cached, ""))
-    code = await request.app[HYPERVISOR].call(partial(domains.state, name=name))
-    return web.json_response(domains.SEED_STATE_TEXT.get(code, ""))
+    # libvirt's events and the reads they trigger keep the cache current (re-read on every
+    # reconnect), so most requests need no libvirt call; unknown names ask libvirt.
+    entry = await request.app[HOST].resolve(request.match_info["domain"])
+    return web.json_response(domains.SEED_TEXT_BY_NAME.get(entry.state, ""))
 
 
 @routes.get("/api/0/domains", allow_head=False)
@@ -87,7 +75,7 @@ async def get_state(request: web.Request) -> web.Response:
                **error_responses(503, 504)},
 )
 async def list_domains(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[HYPERVISOR].call(domains.list_summaries))
+    return web.json_response(await request.app[HOST].call(domains.list_summaries))
 
 
 # Actions that are done when libvirt returns: (operation, summary, answers, takes the lock).
@@ -123,26 +111,6 @@ for _action, (_operation, _summary, _answers, _exclusive) in SIMPLE_ACTIONS.item
     simple_action(_action, _operation, _summary, _answers, _exclusive)
 
 
-async def wait_for_event(request: web.Request, accept: Callable[[dict[str, Any]], bool],
-                         act: Callable[[], Any], seconds: float,
-                         nothing_to_wait_for: str | None = None) -> tuple[Any, bool]:
-    """Run act() and wait up to `seconds` for a matching event, unless act() answered
-    `nothing_to_wait_for`. Watching starts first so a fast event is not missed."""
-    watched = request.app[EVENT_HUB].watch(accept)
-    try:
-        result = await act()
-        if result == nothing_to_wait_for:
-            return result, True
-        try:
-            async with asyncio.timeout(seconds):
-                await asyncio.shield(watched)
-            return result, True
-        except TimeoutError:
-            return result, False
-    finally:
-        watched.cancel()
-
-
 @action_routes("shutdown")
 @docs(
     tags=["power"],
@@ -162,24 +130,24 @@ async def wait_for_event(request: web.Request, accept: Callable[[dict[str, Any]]
 @querystring_schema(ShutdownQuery)
 async def shutdown(request: web.Request) -> web.Response:
     query = parse_query(request, ShutdownQuery)
-    name = request.match_info["domain"]
+    host = request.app[HOST]
+    entry = await host.resolve(request.match_info["domain"])
+    result = await run_action(request, "shutdown", domains.shutdown, entry=entry)
     if not (query["wait"] or query["force"] or "timeout" in request.query):
-        return web.json_response(await run_action(request, "shutdown", domains.shutdown))
-
-    def stopped(message: dict[str, Any]) -> bool:
-        return (message["type"] == "lifecycle" and message["domain"] == name
-                and message["state"] == "shutoff")
-
-    result, off = await wait_for_event(
-        request, stopped, partial(run_action, request, "shutdown", domains.shutdown),
-        query["timeout"], nothing_to_wait_for="not running")
-    if off:
-        return web.json_response("not running" if result == "not running" else "shut off")
+        return web.json_response(result)
+    if result == "not running":
+        return web.json_response(result)
+    # On the cache, not on events: a guest that stopped while libvirt was away is seen off
+    # by the re-read after the reconnect.
+    if await host.wait_for_state(entry, lambda state: state in (None, "shutoff"),
+                                 query["timeout"]):
+        return web.json_response("shut off")
     if not query["force"]:
         return web.json_response("still running")
-    log.warning("shutdown %s: guest did not stop within %g s; forcing it off", name,
+    log.warning("shutdown %s: guest did not stop within %g s; forcing it off", entry.name,
                 query["timeout"])
-    forced = await run_action(request, "destroy", domains.destroy, exclusive=False)
+    forced = await run_action(request, "destroy", domains.destroy, exclusive=False,
+                              entry=entry)
     return web.json_response("forced off" if forced == "forced off" else "shut off")
 
 
@@ -199,13 +167,22 @@ async def shutdown(request: web.Request) -> web.Response:
 @querystring_schema(RebootQuery)
 async def reboot(request: web.Request) -> web.Response:
     query = parse_query(request, RebootQuery)
-    name = request.match_info["domain"]
-    act = partial(run_action, request, "reboot", domains.reboot)
+    entry = await request.app[HOST].resolve(request.match_info["domain"])
     if not query["wait"]:
-        return web.json_response(await act())
+        return web.json_response(await run_action(request, "reboot", domains.reboot,
+                                                  entry=entry))
 
     def rebooted(message: dict[str, Any]) -> bool:
-        return message["type"] == "reboot" and message["domain"] == name
+        return message["type"] == "reboot" and message.get("uuid") == entry.uuid
 
-    _result, done = await wait_for_event(request, rebooted, act, query["timeout"])
-    return web.json_response("rebooted" if done else "rebooting")
+    # Watching starts first, so a fast reboot event is not missed.
+    watched = request.app[EVENT_HUB].watch(rebooted)
+    try:
+        await run_action(request, "reboot", domains.reboot, entry=entry)
+        async with asyncio.timeout(query["timeout"]):
+            await watched
+        return web.json_response("rebooted")
+    except TimeoutError:
+        return web.json_response("rebooting")
+    finally:
+        watched.cancel()

@@ -9,19 +9,10 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from webvirt import api_devices, api_domains, api_server, stream
-from webvirt.appkeys import (
-    DOMAIN_LOCKS,
-    EVENT_HUB,
-    EVENT_SOURCE,
-    HYPERVISOR,
-    SETTINGS,
-    TEMPLATES,
-)
+from webvirt.appkeys import EVENT_HUB, HOST, SETTINGS, TEMPLATES
 from webvirt.config import Settings
-from webvirt.domains import DomainLocks
 from webvirt.events import EventHub
-from webvirt.hypervisor import Hypervisor
-from webvirt.libvirt_events import LibvirtEventSource
+from webvirt.host import Host
 from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
 from webvirt.security import Guard
@@ -29,10 +20,10 @@ from webvirt.templates import TemplateStore
 
 
 async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
-    hypervisor = app[HYPERVISOR]
-    await hypervisor.open()
+    host = app[HOST]
+    await host.open()
     yield
-    await hypervisor.close()
+    await host.close()
 
 
 async def event_stream(app: web.Application) -> AsyncIterator[None]:
@@ -41,7 +32,6 @@ async def event_stream(app: web.Application) -> AsyncIterator[None]:
     heartbeats.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await heartbeats
-    await app[EVENT_SOURCE].unregister()
 
 
 async def send_heartbeats(hub: EventHub, interval: float) -> None:
@@ -63,13 +53,10 @@ def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
     app = web.Application(middlewares=[guard.middleware, json_errors])
     app[SETTINGS] = settings
-    app[HYPERVISOR] = hypervisor = Hypervisor(settings.uri, call_timeout=settings.call_timeout)
-    app[TEMPLATES] = TemplateStore(settings.devices_dir)
-    app[DOMAIN_LOCKS] = DomainLocks()
     app[EVENT_HUB] = hub = EventHub()
-    app[EVENT_SOURCE] = source = LibvirtEventSource(hub, hypervisor)
-    hypervisor.add_listener(source)
-    # Entered in this order, left in reverse: callbacks go before the connection closes.
+    app[HOST] = Host(settings.uri, hub, call_timeout=settings.call_timeout,
+                     reconcile_s=settings.reconcile_s)
+    app[TEMPLATES] = TemplateStore(settings.devices_dir)
     app.cleanup_ctx.extend([libvirt_connection, event_stream])
     app.on_shutdown.append(end_event_streams)
 

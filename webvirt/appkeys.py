@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 
-if TYPE_CHECKING:
-    pass
+from webvirt.config import Settings
+from webvirt.events import EventHub
+from webvirt.host import Host
+from webvirt.templates import TemplateStore
 
-SETTINGS = web.AppKey("settings", "Settings")
-HYPERVISOR = web.AppKey("hypervisor", "Hypervisor")
-TEMPLATES = web.AppKey("templates", "TemplateStore")
-DOMAIN_LOCKS = web.AppKey("domain_locks", "DomainLocks")
-EVENT_HUB = web.AppKey("event_hub", "EventHub")
-EVENT_SOURCE = web.AppKey("event_source", "LibvirtEventSource")
+SETTINGS = web.AppKey("settings", Settings)
+HOST = web.AppKey("host", Host)
+TEMPLATES = web.AppKey("templates", TemplateStore)
+EVENT_HUB = web.AppKey("event_hub", EventHub)

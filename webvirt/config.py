@@ -16,6 +16,8 @@ class Settings:
     static_dir: Path = DEFAULT_STATIC_DIR
     # Seconds one libvirt call may take before the request fails with 504.
     call_timeout: float = 30.0
+    # Seconds between full re-reads of every domain's state: the safety net under events.
+    reconcile_s: float = 30.0
     # Seconds between heartbeat messages (and WebSocket pings) on the event stream.
     heartbeat_s: float = 15.0
     token: str | None = None

@@ -1,15 +1,14 @@
-"""Blocking libvirt domain operations; each runs on a worker thread via Hypervisor.call."""
+"""Blocking libvirt domain operations; each runs on a connection's thread (Host.call)."""
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import libvirt
 
-from webvirt.errors import Conflict, NotFound
+from webvirt.errors import NotFound
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -54,54 +53,47 @@ def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
     raise NotFound(f"no domain named {name!r}", code="domain_not_found")
 
 
-def state(conn: libvirt.virConnect, name: str) -> int:
-    return lookup(conn, name).state()[0]
+# Power operations: each takes the domain and answers what it did, as the seed's texts.
 
-
-def start(conn: libvirt.virConnect, name: str) -> str:
-    dom = lookup(conn, name)
+def start(dom: libvirt.virDomain) -> str:
     if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
         return "already running"
     dom.create()
     return "starting"
 
 
-def shutdown(conn: libvirt.virConnect, name: str) -> str:
-    dom = lookup(conn, name)
+def shutdown(dom: libvirt.virDomain) -> str:
     if dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
         return "not running"
     dom.shutdown()
     return "shutting down"
 
 
-def reboot(conn: libvirt.virConnect, name: str) -> str:
-    lookup(conn, name).reboot(0)  # libvirt refuses (409) when the domain is not running
+def reboot(dom: libvirt.virDomain) -> str:
+    dom.reboot(0)  # libvirt refuses (409) when the domain is not running
     return "rebooting"
 
 
-def destroy(conn: libvirt.virConnect, name: str) -> str:
-    dom = lookup(conn, name)
+def destroy(dom: libvirt.virDomain) -> str:
     if not dom.isActive():
         return "not running"
     dom.destroy()
     return "forced off"
 
 
-def reset(conn: libvirt.virConnect, name: str) -> str:
-    lookup(conn, name).reset(0)
+def reset(dom: libvirt.virDomain) -> str:
+    dom.reset(0)
     return "reset"
 
 
-def suspend(conn: libvirt.virConnect, name: str) -> str:
-    dom = lookup(conn, name)
+def suspend(dom: libvirt.virDomain) -> str:
     if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
         return "already paused"
     dom.suspend()
     return "paused"
 
 
-def resume(conn: libvirt.virConnect, name: str) -> str:
-    dom = lookup(conn, name)
+def resume(dom: libvirt.virDomain) -> str:
     if dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING:
         return "already running"
     dom.resume()
@@ -117,18 +109,18 @@ def device_flags(*, live: bool, persistent: bool) -> int:
     return flags
 
 
-def attach(conn: libvirt.virConnect, name: str, xml: str, flags: int) -> None:
-    lookup(conn, name).attachDeviceFlags(xml, flags)
+def attach(conn: libvirt.virConnect, uuid: str, xml: str, flags: int) -> None:
+    conn.lookupByUUIDString(uuid).attachDeviceFlags(xml, flags)
 
 
-def xml_for(conn: libvirt.virConnect, name: str, *, live: bool) -> str:
+def xml_for(conn: libvirt.virConnect, uuid: str, *, live: bool) -> str:
     """The live definition, or the saved one (what a persistent-only change would edit)."""
-    dom = lookup(conn, name)
+    dom = conn.lookupByUUIDString(uuid)
     return dom.XMLDesc(0 if live and dom.isActive() else libvirt.VIR_DOMAIN_XML_INACTIVE)
 
 
-def detach(conn: libvirt.virConnect, name: str, xml: str, flags: int) -> None:
-    lookup(conn, name).detachDeviceFlags(xml, flags)
+def detach(conn: libvirt.virConnect, uuid: str, xml: str, flags: int) -> None:
+    conn.lookupByUUIDString(uuid).detachDeviceFlags(xml, flags)
 
 
 def summary(dom: libvirt.virDomain) -> dict[str, Any]:
@@ -146,21 +138,3 @@ def summary(dom: libvirt.virDomain) -> dict[str, Any]:
 
 def list_summaries(conn: libvirt.virConnect) -> list[dict[str, Any]]:
     return sorted((summary(d) for d in conn.listAllDomains()), key=lambda d: d["name"])
-
-
-class DomainLocks:
-    """One state-changing operation per domain at a time; a second one gets 409 at once."""
-
-    def __init__(self) -> None:
-        self._busy: set[str] = set()
-
-    @contextlib.contextmanager
-    def hold(self, name: str) -> Iterator[None]:
-        if name in self._busy:
-            raise Conflict(f"another operation on domain {name!r} is in progress",
-                           code="operation_in_progress")
-        self._busy.add(name)
-        try:
-            yield
-        finally:
-            self._busy.discard(name)

@@ -1,4 +1,4 @@
-"""The event hub: numbers every event, keeps the domain-state cache, fans out to clients.
+"""The event hub: numbers every event and fans it out to clients; knows nothing of libvirt.
 
 A message is serialized once and the same object goes to every matching subscriber
 (webvirt/subscribers.py); none of them may block the hub or slow the others.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -18,7 +18,8 @@ from webvirt.messages import Outgoing
 
 # Event types, grouped into the categories a client may filter on with ?type=.
 CATEGORIES: dict[str, frozenset[str]] = {
-    "lifecycle": frozenset({"lifecycle", "reboot"}),
+    # "state": a re-read found a state no lifecycle event announced (e.g. while disconnected).
+    "lifecycle": frozenset({"lifecycle", "state", "reboot"}),
     "device": frozenset({"device-added", "device-removed", "device-removal-failed",
                          "attach", "detach"}),
     "host": frozenset({"node-device-added", "node-device-removed"}),
@@ -73,11 +74,15 @@ class Subscriber(Protocol):
         """The server is shutting down."""
 
 
+def no_state() -> tuple[bool, list[dict[str, str]]]:
+    return False, []
+
+
 class EventHub:
     def __init__(self) -> None:
         self.seq = 0
-        self.connected = False
-        self.domains: dict[str, dict[str, str]] = {}  # name -> {name, uuid, state}
+        # What snapshots say: (connected, [{name, uuid, state}, ...] by name), from the host.
+        self.state_source: Callable[[], tuple[bool, list[dict[str, str]]]] = no_state
         self._subscribers: set[Subscriber] = set()
         self._watchers: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[None]]] = []
 
@@ -123,17 +128,17 @@ class EventHub:
 
     def snapshot_text(self, event_filter: EventFilter) -> str:
         wanted = event_filter.domains
-        domains = [d for name, d in sorted(self.domains.items())
-                   if wanted is None or name in wanted]
-        return json.dumps(self._envelope("snapshot", connected=self.connected,
-                                         domains=domains))
+        connected, domains = self.state_source()
+        return json.dumps(self._envelope(
+            "snapshot", connected=connected,
+            domains=[d for d in domains if wanted is None or d["name"] in wanted]))
 
     def broadcast_snapshot(self) -> None:
         for subscriber in self._subscribers:
             subscriber.offer(Outgoing(self.snapshot_text(subscriber.filter)))
 
     def heartbeat(self) -> None:
-        beat = Outgoing(json.dumps(self._envelope("heartbeat", connected=self.connected,
+        beat = Outgoing(json.dumps(self._envelope("heartbeat", connected=self.state_source()[0],
                                                   clients=len(self._subscribers))))
         for subscriber in self._subscribers:
             subscriber.offer(beat)
@@ -151,24 +156,3 @@ class EventHub:
     def end_all(self) -> None:
         for subscriber in self._subscribers:
             subscriber.end()
-
-    # The domain-state cache, kept current by lifecycle events.
-
-    def replace_domains(self, domains: Iterable[dict[str, str]]) -> None:
-        self.domains = {d["name"]: d for d in domains}
-
-    def set_state(self, name: str, uuid: str, state: str | None) -> None:
-        if state is None:
-            self.domains.pop(name, None)
-        else:
-            self.domains[name] = {"name": name, "uuid": uuid, "state": state}
-
-    def refresh_state(self, name: str, state: str) -> None:
-        """After webvirt's own action: the state libvirt reported once the action returned."""
-        entry = self.domains.get(name)
-        if entry is not None:
-            entry["state"] = state
-
-    def cached_state(self, name: str) -> str | None:
-        entry = self.domains.get(name)
-        return entry["state"] if entry else None

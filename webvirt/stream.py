@@ -21,6 +21,9 @@ routes = web.RouteTableDef()
 
 # A private-use close code: "you fell behind and were dropped; reconnect".
 CLOSE_LAGGING = 4000
+# How long a client that is dropped or told the server stops may take to get its last message;
+# then its connection is aborted, whatever it still holds unsent.
+LAST_WORD_S = 2.0
 
 
 @routes.get("/api/0/events", allow_head=False)
@@ -73,7 +76,10 @@ async def serve_websocket(request: web.Request, event_filter: EventFilter) -> we
     # No permessage-deflate: messages are small, and the subscriber writes each event as one
     # frame built once for all clients.
     ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False)
-    await ws.prepare(request)
+    try:
+        await ws.prepare(request)
+    except ConnectionError:
+        return ws  # the client left during the handshake
     transport = request.transport
     if transport is None:  # the client left during the handshake
         return ws
@@ -85,21 +91,27 @@ async def serve_websocket(request: web.Request, event_filter: EventFilter) -> we
         await asyncio.wait({reader, subscriber.finished}, return_when=asyncio.FIRST_COMPLETED)
         reader.cancel()
     if subscriber.finished.done():
-        await _close(ws, request.remote, subscriber.finished.result(), hub)
+        await _close(ws, transport, request.remote, subscriber.finished.result(), hub)
     return ws
 
 
-async def _close(ws: web.WebSocketResponse, peer: str | None, signal: Signal,
-                 hub: EventHub) -> None:
-    # Bounded: a client that stopped reading must not keep the handler (or shutdown) waiting.
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(5):
+async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport, peer: str | None,
+                 signal: Signal, hub: EventHub) -> None:
+    # Bounded: a client that stopped reading must not keep its socket and buffers, nor the
+    # handler (or shutdown) waiting for a flush that never comes.
+    try:
+        async with asyncio.timeout(LAST_WORD_S):
             if signal is Signal.END:
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
             else:
                 log.warning("event client %s fell behind; dropped", peer)
                 await ws.send_str(hub.lagging_text())
                 await ws.close(code=CLOSE_LAGGING, message=b"client fell behind")
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        if not ws.closed or transport.get_write_buffer_size():
+            transport.abort()
 
 
 async def _drain_incoming(ws: web.WebSocketResponse) -> None:
@@ -113,18 +125,34 @@ async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.Stre
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # proxies must not hold events back
     })
-    await response.prepare(request)
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        return response  # the client left before the stream began
+    transport = request.transport
+    if transport is None:
+        return response
     hub = request.app[EVENT_HUB]
+    loop = asyncio.get_running_loop()
+    abort_later: list[asyncio.TimerHandle] = []
 
     async def send(text: str) -> None:
         await response.write(f"data: {text}\n\n".encode())
 
-    subscriber = QueuedSubscriber(event_filter)
-    async with subscribed(hub, subscriber, request.remote):
-        with contextlib.suppress(ConnectionResetError, ConnectionError):
-            while isinstance(item := await subscriber.queue.get(), Outgoing):
-                await send(item.text)
-            if item is Signal.LAGGING:
-                log.warning("event client %s fell behind; dropped", request.remote)
-                await send(hub.lagging_text())
+    def dropped() -> None:
+        log.warning("event client %s fell behind; dropped", request.remote)
+        abort_later.append(loop.call_later(LAST_WORD_S, transport.abort))
+
+    subscriber = QueuedSubscriber(event_filter, on_drop=dropped)
+    try:
+        async with subscribed(hub, subscriber, request.remote):
+            with contextlib.suppress(ConnectionError):
+                while isinstance(item := await subscriber.queue.get(), Outgoing):
+                    await send(item.text)
+                if item is Signal.LAGGING:
+                    await send(hub.lagging_text())
+    finally:
+        # The connection may serve another request once this one ends: leave it alone.
+        for handle in abort_later:
+            handle.cancel()
     return response

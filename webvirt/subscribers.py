@@ -9,7 +9,7 @@ its HTTP body is chunked by aiohttp. Either way, a client that falls behind is d
 from __future__ import annotations
 
 import asyncio
-import contextlib
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -49,10 +49,13 @@ class WebSocketSubscriber:
 class QueuedSubscriber:
     """A client fed by its own task from a bounded queue (Server-Sent Events)."""
 
-    def __init__(self, event_filter: EventFilter):
+    def __init__(self, event_filter: EventFilter, on_drop: Callable[[], None]):
         self.filter = event_filter
         self.queue: asyncio.Queue[Outgoing | Signal] = asyncio.Queue(QUEUE_LIMIT)
         self.dropped = False
+        # Its feeding task may be stuck writing to a client that reads nothing: the handler
+        # gives it a moment to send LAGGING, then aborts the connection.
+        self._on_drop = on_drop
 
     def offer(self, message: Outgoing) -> None:
         if self.dropped:
@@ -65,8 +68,12 @@ class QueuedSubscriber:
             while not self.queue.empty():
                 self.queue.get_nowait()
             self.queue.put_nowait(Signal.LAGGING)
+            self._on_drop()
 
     def end(self) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(Signal.END)
+        if self.dropped:
+            return  # LAGGING ends it already
+        if self.queue.full():
+            self.queue.get_nowait()  # the stream ends here anyway; END must get in
+        self.queue.put_nowait(Signal.END)
 

@@ -1,0 +1,167 @@
+"""One libvirt connection and the one thread that makes every call on it.
+
+libvirt 9.0's client (Debian 12) has a use-after-free (CVE-2024-4418, fixed in 10.3): when
+keepalive closes a connection while two or more threads are inside calls on it, the process
+crashes. So a connection is never shared between threads: its own thread opens it, makes its
+calls one after the other, and closes it. For concurrency, a host holds several connections.
+
+A connection that fails, times out, or is closed by libvirt is retired: it takes no new calls,
+its owner is told once, and its thread closes it after whatever call it is stuck in returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import libvirt
+
+from webvirt.errors import CallTimeout, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Remote connections ping the daemon, so a dead or frozen daemon is noticed within seconds.
+KEEPALIVE_INTERVAL_S = 2
+KEEPALIVE_COUNT = 3
+
+_Job = tuple[Future[Any], Callable[[], Any]]
+
+
+class Connection:
+    __slots__ = ("_conn", "_jobs", "_loop", "_on_retired", "_thread", "callback_ids", "ended",
+                 "name", "pending", "retired", "uri")
+
+    def __init__(self, uri: str | None, name: str,
+                 on_retired: Callable[[Connection, str], None]):
+        self.uri = uri
+        self.name = name
+        self._on_retired = on_retired
+        self._loop = asyncio.get_running_loop()
+        self._conn: libvirt.virConnect | None = None
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"libvirt-{name}")
+        self.ended: asyncio.Future[None] = self._loop.create_future()  # its thread is done
+        self.pending = 0  # calls queued or running, to spread work over a host's connections
+        self.retired = False
+        # Event callbacks registered on this connection, deregistered before it closes:
+        # each holds a reference that would otherwise keep the connection (and an fd) alive.
+        self.callback_ids: list[tuple[str, int]] = []
+
+    async def open(self, seconds: float | None) -> str:
+        """Open the connection on its thread; answers the URI libvirt resolved."""
+        self._thread.start()
+        try:
+            return await self._await(self._submit(self._open_blocking), seconds)
+        except libvirt.libvirtError as err:
+            self.retire("could not open")
+            raise Unavailable(f"cannot connect to libvirt at {self.uri or 'the default URI'}: "
+                              f"{err.get_error_message()}") from None
+
+    def _open_blocking(self) -> str:
+        self._conn = conn = libvirt.open(self.uri)
+        with contextlib.suppress(libvirt.libvirtError):
+            # Only remote connections support keepalive; local drivers refuse it.
+            conn.setKeepAlive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT)
+        loop, retire = self._loop, self.retire
+        # libvirt runs this on the loop thread, or on this connection's thread while a call
+        # is in flight: only hop to the loop (it holds the connection's lock meanwhile).
+        conn.registerCloseCallback(
+            lambda _c, reason, _o: _call_soon(loop, retire, close_reason(reason)), None)
+        try:
+            return conn.getURI()
+        except libvirt.libvirtError:
+            return "?"
+
+    async def call(self, fn: Callable[[libvirt.virConnect], T], seconds: float | None) -> T:
+        """Run fn(conn) on this connection's thread. A timeout retires the connection."""
+        if self.retired or self._conn is None:
+            raise Unavailable("the libvirt connection is gone; reconnecting")
+        conn = self._conn
+        return await self._await(self._submit(lambda: fn(conn)), seconds)
+
+    def _submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self.pending += 1
+        future.add_done_callback(lambda _f: _call_soon(self._loop, self._done))
+        self._jobs.put((future, fn))
+        return future
+
+    def _done(self) -> None:
+        self.pending -= 1
+
+    async def _await(self, future: Future[T], seconds: float | None) -> T:
+        try:
+            async with asyncio.timeout(seconds):
+                return await asyncio.wrap_future(future)
+        except TimeoutError:
+            # The thread is stuck in that call: nothing more may queue behind it.
+            self.retire(f"no answer within {seconds:g} s")
+            raise CallTimeout(
+                f"libvirt did not answer within {seconds:g} s (is the daemon stuck?)"
+            ) from None
+
+    def retire(self, reason: str) -> None:
+        """No new calls; the owner is told once; the thread closes the connection and ends."""
+        if self.retired:
+            return
+        self.retired = True
+        self._on_retired(self, reason)
+        self._jobs.put((Future(), self._close_blocking))
+        self._jobs.put(None)
+
+    def _close_blocking(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        for kind, callback_id in self.callback_ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                if kind == "domain":
+                    conn.domainEventDeregisterAny(callback_id)
+                else:
+                    conn.nodeDeviceEventDeregisterAny(callback_id)
+        self.callback_ids.clear()
+        # While the close callback is registered, close() returns 1 and closes nothing.
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.unregisterCloseCallback()
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn = job
+            del job  # hold no libvirt object longer than the call
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn()
+                except BaseException as exc:  # the caller gets it, whatever it is
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            del future, fn
+        self._close_blocking()  # a no-op unless the loop ended without a retire
+        _call_soon(self._loop, self._ended)
+
+    def _ended(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is already closed
+        loop.call_soon_threadsafe(fn, *args)
+
+
+def close_reason(reason: int) -> str:
+    return {
+        libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",
+        libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "daemon closed the connection",
+        libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "daemon stopped answering keepalives",
+        libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by client",
+    }.get(reason, f"reason {reason}")

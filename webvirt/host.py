@@ -1,0 +1,341 @@
+"""A libvirt host: its connections, reconnecting, its events, and the domain-state cache.
+
+Commands go in through `call`/`act`; facts come out through the hub. Every connection is
+confined to a thread of its own (webvirt/connection.py). The connections of one session
+stand or fall together: when any is lost (keepalive, error, a call that timed out), all are
+retired, event clients are told, and a new session is opened; on it the cache is re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import uuid as uuid_module
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any, TypeVar
+
+import libvirt
+
+from webvirt import domains
+from webvirt.connection import Connection
+from webvirt.domain_cache import DomainCache, DomainEntry, Read, State
+from webvirt.errors import (
+    ApiError,
+    Conflict,
+    NotFound,
+    Unavailable,
+    from_libvirt,
+    is_connection_error,
+)
+from webvirt.events import EventHub
+from webvirt.libvirt_events import LIFECYCLE_DETAILS, LIFECYCLE_EVENTS, STATE_AFTER, register
+from webvirt.libvirt_loop import ensure_event_impl
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RECONNECT_DELAYS_S = (0.2, 0.5, 1, 2, 5)
+SHUTDOWN_CALL_S = 2
+Change = tuple[DomainEntry | None, DomainEntry | None]
+
+
+class Host:
+    def __init__(self, uri: str | None, hub: EventHub, *, call_timeout: float = 30.0,
+                 connections: int = 3, reconcile_s: float = 30.0):
+        self.uri = uri
+        self.hub = hub
+        self.call_timeout = call_timeout
+        # Each connection to a test:///FILE URI is a private copy of that host: use one.
+        self.connection_count = 1 if (uri or "").startswith("test:") else connections
+        self.reconcile_s = reconcile_s
+        self.connected_uri = "?"  # the URI libvirt resolved, for logs and events
+        self.cache = DomainCache()
+        self.connected = False
+        self.reconnects = 0
+        self._connections: list[Connection] = []
+        self._busy: set[str] = set()  # UUIDs with an exclusive operation under way
+        self._dirty: set[str] = set()  # UUIDs to re-read
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._refresher: asyncio.Task[None] | None = None
+        self._reconnector: asyncio.Task[None] | None = None
+        self._closing = False
+        self._ever_connected = False
+        hub.state_source = self.snapshot
+
+    @property
+    def display_uri(self) -> str:
+        return self.uri or "libvirt's default URI"
+
+    def snapshot(self) -> tuple[bool, list[dict[str, str]]]:
+        return self.connected, [entry.as_dict() for entry in self.cache]
+
+    # Opening, losing and closing the session.
+
+    async def open(self) -> None:
+        """Connect at start; raises Unavailable with libvirt's reason when it cannot."""
+        ensure_event_impl()
+        self._closing = False
+        await self._connect(open_seconds=self.call_timeout)
+        self._spawn(self._reconcile_periodically())
+        log.info("connected to libvirt at %s", self.connected_uri)
+
+    async def _connect(self, open_seconds: float | None) -> None:
+        connections = [Connection(self.uri, f"{self.reconnects}.{i}", self._retired)
+                       for i in range(self.connection_count)]
+        self._connections = connections
+        try:
+            uris = await asyncio.gather(*(c.open(open_seconds) for c in connections))
+            self.connected_uri = uris[0]
+            events = connections[0]
+            loop = asyncio.get_running_loop()
+            events.callback_ids.extend(await events.call(
+                lambda conn: register(conn, self, loop), self.call_timeout))
+            await self._resync()
+        except BaseException:
+            for connection in connections:
+                connection.retire("could not set up")
+            raise
+        if self._connections is not connections:  # lost again while setting up
+            raise Unavailable("the connection was lost while setting up")
+        self.connected = True
+        if self._ever_connected:
+            self.hub.publish("connection", state="restored", uri=self.connected_uri)
+            self.hub.broadcast_snapshot()
+        self._ever_connected = True
+
+    def _retired(self, connection: Connection, reason: str) -> None:
+        if connection not in self._connections:
+            return
+        connections, self._connections = self._connections, []
+        for other in connections:
+            other.retire("its session was lost")
+        if self._closing or not self.connected:
+            return  # closing, or still setting up (_connect raises)
+        self.connected = False
+        log.warning("lost the libvirt connection (%s); reconnecting", reason)
+        self.hub.publish("connection", state="lost", reason=reason)
+        self._reconnector = self._spawn(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        attempt = 0
+        while not self._closing:
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            attempt += 1
+            self.reconnects += 1
+            try:
+                # No timeout on opening: an open stuck on a frozen daemon is waited for, not
+                # abandoned, so stuck threads cannot pile up while the daemon stays frozen.
+                await self._connect(open_seconds=None)
+            except (ApiError, libvirt.libvirtError) as err:
+                log.debug("reconnect attempt %d failed: %s", attempt, err)
+                continue
+            log.info("reconnected to libvirt at %s after %d attempt(s)", self.connected_uri,
+                     attempt)
+            return
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        connections, self._connections = self._connections, []
+        if self.connected:
+            self.connected = False
+            self.hub.publish("connection", state="lost", reason="server shutting down")
+        for connection in connections:
+            connection.retire("server shutting down")
+        if connections:
+            # Bounded: a stuck daemon is not worth waiting for at shutdown.
+            await asyncio.wait([c.ended for c in connections], timeout=SHUTDOWN_CALL_S)
+        # Free libvirt objects still held in reference cycles while the loop can release them.
+        gc.collect()
+        await asyncio.sleep(0)
+
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # Commands.
+
+    async def call(self, fn: Callable[[libvirt.virConnect], T],
+                   seconds: float | None = None) -> T:
+        """Run fn(conn) on the least busy connection's thread; libvirt errors as ApiError."""
+        if not self._connections:
+            raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
+        connection = min(self._connections, key=lambda c: c.pending)
+        try:
+            return await connection.call(fn, self.call_timeout if seconds is None else seconds)
+        except libvirt.libvirtError as err:
+            if is_connection_error(err):
+                connection.retire(f"call failed: {err.get_error_message()}")
+            error = from_libvirt(err)
+        # Raised outside the except block: a chained libvirtError's traceback would keep
+        # domain objects (and so the connection) alive in a reference cycle.
+        raise error
+
+    async def resolve(self, ref: str) -> DomainEntry:
+        """The domain a name or UUID means; one identity whichever way it is addressed."""
+        entry = self.cache.get(ref) if self.connected else None
+        if entry is not None:
+            return entry
+        uuid, name, state = await self.call(partial(read_domain, ref=ref))
+        return DomainEntry(uuid, name, state)
+
+    @contextlib.contextmanager
+    def exclusive(self, entry: DomainEntry) -> Iterator[None]:
+        """One state-changing operation per domain at a time; a second one gets 409 at once."""
+        if entry.uuid in self._busy:
+            raise Conflict(f"another operation on domain {entry.name!r} is in progress",
+                           code="operation_in_progress")
+        self._busy.add(entry.uuid)
+        try:
+            yield
+        finally:
+            self._busy.discard(entry.uuid)
+
+    async def act(self, entry: DomainEntry,
+                  operation: Callable[[libvirt.virDomain], str]) -> str:
+        """Run operation(domain), then re-read the domain's state, in one call."""
+        began = self.cache.clock
+        result, read = await self.call(partial(act_then_read, operation=operation,
+                                               uuid=entry.uuid))
+        self._apply(self.cache.apply_read(read, began))
+        return result
+
+    async def wait_for_state(self, entry: DomainEntry, accept: Callable[[State], bool],
+                             seconds: float) -> bool:
+        """Whether the cached state is one `accept` takes within `seconds`. The cache is
+        re-read on every reconnect, so a change while libvirt was away is seen too."""
+        waiter = self.cache.wait_for(entry.uuid, accept)
+        try:
+            async with asyncio.timeout(seconds):
+                await waiter
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiter.cancel()
+
+    # Facts: libvirt's events (webvirt.libvirt_events.EventSink) and reads.
+
+    def lifecycle(self, uuid: str, name: str, event: int, detail: int) -> None:
+        before = self.cache.by_uuid(uuid)
+        state = STATE_AFTER.get(event) or (before.state if before else None)
+        if event == libvirt.VIR_DOMAIN_EVENT_DEFINED and state is None:
+            state = "shutoff"
+        if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED and state == "shutoff":
+            state = None  # gone for good; a running transient domain stays until it stops
+        self.cache.apply_event(uuid, name, state)
+        self.hub.publish(
+            "lifecycle", domain=name, uuid=uuid,
+            event=LIFECYCLE_EVENTS.get(event, str(event)),
+            detail=LIFECYCLE_DETAILS.get(event, {}).get(detail, str(detail)),
+            state=state or "undefined",
+        )
+        # The event says what changed, not always what is: a transient domain that stopped
+        # is gone, a start that failed midway leaves no event. A read settles it.
+        self._refresh(uuid)
+
+    def domain_event(self, kind: str, uuid: str, name: str, **fields: Any) -> None:
+        self.hub.publish(kind, domain=name, uuid=uuid, **fields)
+
+    def node_device(self, kind: str, device: str) -> None:
+        self.hub.publish(kind, device=device)
+
+    def _refresh(self, uuid: str) -> None:
+        self._dirty.add(uuid)
+        if self._refresher is None or self._refresher.done():
+            self._refresher = self._spawn(self._refresh_dirty())
+
+    async def _refresh_dirty(self) -> None:
+        while self._dirty and self.connected:
+            batch, self._dirty = self._dirty, set()
+            began = self.cache.clock
+            try:
+                reads = await self.call(partial(read_states, uuids=sorted(batch)))
+            except ApiError as err:
+                # A lost connection is re-read in full on reconnect; anything else is retried
+                # by the periodic reconciliation.
+                log.debug("re-reading %d domain(s) failed: %s", len(batch), err.detail)
+                return
+            for read in reads:
+                self._apply(self.cache.apply_read(read, began))
+
+    async def _resync(self) -> None:
+        """Re-read every domain; what libvirt no longer lists leaves the cache."""
+        began = self.cache.clock
+        reads = await self.call(read_all)
+        for change in self.cache.apply_full_read(reads, began):
+            self._apply(change)
+
+    async def _reconcile_periodically(self) -> None:
+        """The safety net: events can be missed (e.g. libvirt drops them under load)."""
+        while True:
+            await asyncio.sleep(self.reconcile_s)
+            if self.connected:
+                with contextlib.suppress(ApiError):
+                    await self._resync()
+
+    def _apply(self, change: Change | None) -> None:
+        """A read changed the cache: tell event clients, since no lifecycle event did."""
+        if change is None or change[0] == change[1]:
+            return
+        before, after = change
+        entry = after or before
+        assert entry is not None
+        self.hub.publish("state", domain=entry.name, uuid=entry.uuid,
+                         state=after.state if after else "undefined",
+                         previous=before.state if before else "undefined")
+
+
+# Blocking helpers; each runs on a connection's thread.
+
+def _by_uuid(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByUUIDString(uuid)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def read_domain(conn: libvirt.virConnect, ref: str) -> tuple[str, str, str]:
+    """(uuid, name, state) of the domain a name or UUID means."""
+    dom = None
+    with contextlib.suppress(ValueError):
+        dom = _by_uuid(conn, str(uuid_module.UUID(ref)))
+    if dom is None:
+        dom = domains.lookup(conn, ref)
+    return dom.UUIDString(), dom.name(), domains.state_name(dom.state()[0])
+
+
+def read_states(conn: libvirt.virConnect, uuids: list[str]) -> list[Read]:
+    reads = []
+    for uuid in uuids:
+        dom = _by_uuid(conn, uuid)
+        reads.append(Read(uuid, "", None) if dom is None
+                     else Read(uuid, dom.name(), domains.state_name(dom.state()[0])))
+    return reads
+
+
+def read_all(conn: libvirt.virConnect) -> list[Read]:
+    return [Read(d.UUIDString(), d.name(), domains.state_name(d.state()[0]))
+            for d in conn.listAllDomains()]
+
+
+def act_then_read(conn: libvirt.virConnect, operation: Callable[[libvirt.virDomain], str],
+                  uuid: str) -> tuple[str, Read]:
+    dom = _by_uuid(conn, uuid)
+    if dom is None:
+        raise NotFound(f"no domain with UUID {uuid}", code="domain_not_found")
+    result = operation(dom)
+    after = _by_uuid(conn, uuid)  # a transient domain is gone once it stops
+    return result, (Read(uuid, "", None) if after is None
+                    else Read(uuid, after.name(), domains.state_name(after.state()[0])))

@@ -1,0 +1,101 @@
+"""libvirt's event loop on asyncio, safe when libvirt changes watches from worker threads.
+
+libvirtaio assumes every add/update/remove of a handle or timer comes from the loop's own
+thread. It does not: a worker thread inside a libvirt call arms the keepalive timer and the
+event-dispatch timer, and (un)watches the socket. Done from another thread, asyncio is not
+woken (a frozen daemon went unnoticed on an idle server; events waited for the next wake-up)
+and its selector is changed unsafely. Here the bookkeeping stays synchronous, as libvirt
+expects, while every change to the asyncio loop itself happens on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import libvirt
+import libvirtaio
+
+
+class ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self._loop_thread = threading.get_ident()
+        self.descriptors = _Descriptors(self)
+
+    def on_loop(self, fn: Callable[[], Any]) -> None:
+        """Run fn now on the loop thread, or soon from any other thread (and wake the loop)."""
+        if threading.get_ident() == self._loop_thread:
+            fn()
+        else:
+            try:
+                self.loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # the loop is closed: nothing left to watch
+                pass
+
+    def schedule_ff_callback(self, iden: int, opaque: Any) -> None:
+        self.on_loop(lambda: super(ThreadSafeImpl, self).schedule_ff_callback(iden, opaque))
+
+    def _add_timeout(self, timeout: int, cb: Any, opaque: Any) -> int:
+        callback = _Timer(self, cb, opaque)
+        self.callbacks[callback.iden] = callback
+        callback.update(timeout=timeout)
+        self._pending_inc()
+        return callback.iden
+
+
+class _Descriptor(libvirtaio.Descriptor):
+    impl: ThreadSafeImpl
+
+    def update(self) -> None:
+        def apply() -> None:
+            # A deferred update of a descriptor already replaced (its fd closed and reused)
+            # must not touch the new one's watches.
+            if self.impl.descriptors.get(self.fd, self) is self:
+                libvirtaio.Descriptor.update(self)
+
+        self.impl.on_loop(apply)
+
+
+class _Descriptors(libvirtaio.DescriptorDict):
+    impl: ThreadSafeImpl
+
+    def __missing__(self, fd: int) -> _Descriptor:
+        descriptor = _Descriptor(self.impl, fd)
+        self[fd] = descriptor
+        return descriptor
+
+
+class _Timer(libvirtaio.TimeoutCallback):
+    impl: ThreadSafeImpl
+
+    def update(self, timeout: int) -> None:
+        self.timeout = timeout
+        self.impl.on_loop(self._apply)
+
+    def _apply(self) -> None:
+        # Reads the latest timeout, so updates applied late or out of turn still end right.
+        if self.timeout >= 0 and self._task is None:
+            self._task = asyncio.ensure_future(self._timer(), loop=self.impl.loop)
+        elif self.timeout < 0 and self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
+def ensure_event_impl() -> None:
+    """Join libvirt's event loop to the running asyncio loop (libvirt allows one per process)."""
+    loop = asyncio.get_running_loop()
+    impl = libvirtaio.getCurrentImpl()
+    if impl is None:
+        libvirtaio._current_impl = ThreadSafeImpl(loop).register()
+    elif impl.loop is not loop:
+        raise RuntimeError(
+            "libvirt's event loop is already bound to another asyncio loop; "
+            "libvirt allows one event loop implementation per process"
+        )
+
+
+# libvirt prints every error to stderr unless a handler is set; webvirt reports errors itself.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
