@@ -206,11 +206,14 @@ function handle(message) {
       renderAll();
       setConnection(message.connected ? "live" : "libvirt unreachable", message.connected ? "ok" : "bad");
       break;
-    case "lifecycle": {
+    case "lifecycle":
+    case "state": {
+      // "state": a re-read found what no lifecycle event said (e.g. while libvirt was away).
       if (message.state === "undefined") domains.delete(message.domain);
       else domains.set(message.domain, { name: message.domain, uuid: message.uuid, state: message.state });
       renderAll();
-      log(`${message.domain}: ${message.event} (${message.detail})`);
+      if (message.type === "lifecycle") log(`${message.domain}: ${message.event} (${message.detail})`);
+      else log(`${message.domain}: now ${message.state} (was ${message.previous})`);
       break;
     }
     case "connection":

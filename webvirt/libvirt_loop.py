@@ -27,6 +27,8 @@ class ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
 
     def on_loop(self, fn: Callable[[], Any]) -> None:
         """Run fn now on the loop thread, or soon from any other thread (and wake the loop)."""
+        if self.loop.is_closed():
+            return  # at exit, libvirt objects freed late: nothing left to watch or free
         if threading.get_ident() == self._loop_thread:
             fn()
         else:

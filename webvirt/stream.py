@@ -26,6 +26,11 @@ CLOSE_LAGGING = 4000
 LAST_WORD_S = 2.0
 
 
+def client_left() -> web.Response:
+    """For a client gone before its stream began: aiohttp only logs it (nginx's 499)."""
+    return web.Response(status=499, reason="Client Closed Request")
+
+
 @routes.get("/api/0/events", allow_head=False)
 @docs(
     tags=["events"],
@@ -71,7 +76,7 @@ async def subscribed(hub: EventHub, subscriber: Subscriber,
         log.info("event client %s left (%d clients)", peer, hub.client_count)
 
 
-async def serve_websocket(request: web.Request, event_filter: EventFilter) -> web.WebSocketResponse:
+async def serve_websocket(request: web.Request, event_filter: EventFilter) -> web.StreamResponse:
     heartbeat = request.app[SETTINGS].heartbeat_s
     # No permessage-deflate: messages are small, and the subscriber writes each event as one
     # frame built once for all clients.
@@ -79,10 +84,10 @@ async def serve_websocket(request: web.Request, event_filter: EventFilter) -> we
     try:
         await ws.prepare(request)
     except ConnectionError:
-        return ws  # the client left during the handshake
+        return client_left()
     transport = request.transport
-    if transport is None:  # the client left during the handshake
-        return ws
+    if transport is None:
+        return client_left()
     hub = request.app[EVENT_HUB]
     subscriber = WebSocketSubscriber(event_filter, ws, transport)
     async with subscribed(hub, subscriber, request.remote):
@@ -128,10 +133,10 @@ async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.Stre
     try:
         await response.prepare(request)
     except ConnectionError:
-        return response  # the client left before the stream began
+        return client_left()
     transport = request.transport
     if transport is None:
-        return response
+        return client_left()
     hub = request.app[EVENT_HUB]
     loop = asyncio.get_running_loop()
     abort_later: list[asyncio.TimerHandle] = []
