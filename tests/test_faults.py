@@ -379,13 +379,14 @@ async def test_a_full_server_sent_events_queue_still_ends_at_shutdown(
     client = await make_client()
     hub = client.app[EVENT_HUB]
     response = await client.get("/api/0/events", headers={"Accept": "text/event-stream"})
-    # In one loop turn: the snapshot and these fill the queue to the brim, not over it.
-    for n in range(QUEUE_LIMIT - 1):
+    assert (await response.content.readline()).startswith(b"data: ")  # the snapshot
+    # In one loop turn: the queue is full to the brim, not over it.
+    for n in range(QUEUE_LIMIT):
         hub.publish("reboot", domain="linux-dev", uuid="x", n=n)
     closing = asyncio.ensure_future(client.server.close())
-    body = await asyncio.wait_for(response.text(), 10)  # the stream ends, END got in
+    body = await asyncio.wait_for(response.text(), 10)  # the stream ends: END got in
     await closing
-    assert body.count("data: ") >= QUEUE_LIMIT - 1
+    assert body.count("data: ") == QUEUE_LIMIT - 1  # END took the last place
 
 
 # 9. A client that leaves during the handshake was logged as an unhandled error (a 500).
