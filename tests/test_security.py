@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory
 from tests.test_seed_api import get_json
+from webvirt.security import Guard
 
 TOKEN = "s3cret-token"
 
@@ -103,3 +107,64 @@ async def test_allow_host(make_client: ClientFactory) -> None:
     client = await make_client(allowed_hosts=("vmhost.lan",))
     assert (await client.get("/api/0/version", headers={"Host": "vmhost.lan:5000"})).status == 200
     assert (await client.get("/api/0/version", headers={"Host": "other.lan"})).status == 403
+
+
+# Hostile input never gets a 500, and every error, whichever layer refuses it, is JSON.
+
+
+async def raw_get(client: TestClient, target: str, *headers: bytes) -> tuple[int, dict]:
+    """GET over a plain socket, for bytes an HTTP client library would refuse to send."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(b"\r\n".join([f"GET {target} HTTP/1.1".encode(), b"Host: localhost",
+                                    *headers, b"Connection: close", b"", b""]))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head, answer
+    return int(head.split()[1]), json.loads(body)
+
+
+def assert_error_body(body: dict, status: int, code: str) -> None:
+    assert body == {"detail": body["detail"], "code": code, "status": status}
+
+
+@pytest.mark.parametrize("path", [
+    "/api/0/state/win%0011", "/api/0/start/win%0011", "/api/0/shutdown/%00",
+    "/api/0/devices/win11%00", "/api/0/attach/win%0011/usb?vendor_id=1&product_id=2",
+])
+async def test_nul_in_the_domain_name_is_a_json_400(client: TestClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status == 400
+    body = await response.json()
+    assert_error_body(body, 400, "bad_parameter")
+    assert "domain" in body["detail"]
+    assert await get_json(client, "/api/0/state/win11") == "shut off"
+
+
+async def test_non_utf8_authorization_header_is_a_json_401(make_client: ClientFactory) -> None:
+    client = await make_client(token=TOKEN)
+    status, body = await raw_get(client, "/api/0/state/win11", b"Authorization: Bearer \xff\xfe")
+    assert status == 401
+    assert_error_body(body, 401, "unauthorized")
+
+
+async def test_malformed_origin_is_a_json_403(client: TestClient) -> None:
+    status, body = await raw_get(client, "/api/0/start/win11", b"Origin: http://[::1")
+    assert status == 403
+    assert_error_body(body, 403, "cross_site_request")
+    assert await get_json(client, "/api/0/state/win11") == "shut off"
+
+
+async def test_a_bug_in_the_guard_still_answers_json(
+        make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in the guard")
+
+    monkeypatch.setattr(Guard, "cross_site", broken)
+    client = await make_client()
+    status, body = await raw_get(client, "/api/0/version")
+    assert status == 500
+    assert_error_body(body, 500, "internal_error")

@@ -22,7 +22,7 @@ from webvirt.domains import DomainLocks
 from webvirt.events import EventHub
 from webvirt.hypervisor import Hypervisor
 from webvirt.libvirt_events import LibvirtEventSource
-from webvirt.middlewares import json_errors
+from webvirt.middlewares import json_errors, path_parameters
 from webvirt.openapi import setup_openapi
 from webvirt.security import Guard
 from webvirt.templates import TemplateStore
@@ -61,7 +61,7 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
-    app = web.Application(middlewares=[guard.middleware, json_errors])
+    app = web.Application(middlewares=[json_errors, guard.middleware, path_parameters])
     app[SETTINGS] = settings
     app[HYPERVISOR] = hypervisor = Hypervisor(settings.uri, call_timeout=settings.call_timeout)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)

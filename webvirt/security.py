@@ -52,7 +52,7 @@ def is_ip_literal(name: str) -> bool:
 
 class Guard:
     def __init__(self, settings: Settings):
-        self.token = settings.token.encode() if settings.token else None
+        self.token = as_bytes(settings.token) if settings.token else None
         self.allowed_hosts = default_allowed_hosts() | {h.lower() for h in settings.allowed_hosts}
         self.allow_any_host = "*" in settings.allowed_hosts
 
@@ -72,7 +72,10 @@ class Guard:
             return f"Sec-Fetch-Site: {fetch_site}"
         origin = request.headers.get("Origin")
         if origin and origin != "null":
-            origin_host = urlsplit(origin).netloc.lower()
+            try:
+                origin_host = urlsplit(origin).netloc.lower()
+            except ValueError:  # e.g. "http://[::1": not an origin this server could have
+                return f"Origin {origin} is not a valid origin"
             if origin_host != (request.host or "").lower():
                 return f"Origin {origin} is not this server"
         elif origin == "null":
@@ -86,7 +89,7 @@ class Guard:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer":
             given = credentials.strip()
-        return hmac.compare_digest(given.encode(), self.token)
+        return hmac.compare_digest(as_bytes(given), self.token)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -106,6 +109,11 @@ class Guard:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="webvirt"'
                 return response
         return await handler(request)
+
+
+def as_bytes(text: str) -> bytes:
+    # aiohttp decodes non-UTF-8 header bytes to lone surrogates, which plain encode() refuses.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def refuse(request: web.Request, status: int, code: str, detail: str) -> web.Response:
