@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
+import time
 
 import aiohttp
 import pytest
@@ -11,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory
 from tests.test_seed_api import get_json
-from webvirt.security import Guard
+from webvirt.security import FQDN_TIMEOUT_S, Guard
 
 TOKEN = "s3cret-token"
 
@@ -107,6 +110,53 @@ async def test_allow_host(make_client: ClientFactory) -> None:
     client = await make_client(allowed_hosts=("vmhost.lan",))
     assert (await client.get("/api/0/version", headers={"Host": "vmhost.lan:5000"})).status == 200
     assert (await client.get("/api/0/version", headers={"Host": "other.lan"})).status == 403
+
+
+async def test_host_equal_to_this_machines_fqdn_is_allowed(
+        make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "VMHOST.Example.org")
+    client = await make_client()
+    headers = {"Host": "vmhost.example.org:5000"}
+    assert (await client.get("/api/0/version", headers=headers)).status == 200
+    assert (await client.get("/api/0/version", headers={"Host": "other.example.org"})).status \
+        == 403
+
+
+async def test_start_up_and_requests_do_not_wait_for_a_hung_dns(
+        make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+    dns_answers = threading.Event()
+
+    def hung_getfqdn() -> str:  # like getfqdn() with a DNS server that does not answer
+        calls.append(time.monotonic())
+        dns_answers.wait(timeout=30)
+        return "slow.example.org"
+
+    monkeypatch.setattr(socket, "getfqdn", hung_getfqdn)
+    try:
+        client = await make_client()
+        assert calls == []
+        assert (await client.get("/api/0/version")).status == 200
+        assert calls == []  # known names never ask DNS
+        started = time.monotonic()
+        refused = await client.get("/api/0/version", headers={"Host": "slow.example.org"})
+        assert refused.status == 403
+        assert time.monotonic() - started < FQDN_TIMEOUT_S + 1
+        # The time budget is spent: later requests do not wait again, nor ask again.
+        started = time.monotonic()
+        refused = await client.get("/api/0/version", headers={"Host": "slow.example.org"})
+        assert refused.status == 403
+        assert time.monotonic() - started < 1
+        assert len(calls) == 1
+    finally:
+        dns_answers.set()
+    # Once DNS answers, the name is allowed.
+    deadline = time.monotonic() + 10
+    while (await client.get("/api/0/version", headers={"Host": "slow.example.org"})).status \
+            != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert len(calls) == 1
 
 
 # Hostile input never gets a 500, and every error, whichever layer refuses it, is JSON.

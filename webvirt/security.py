@@ -7,6 +7,7 @@ attacker's domain that resolves to this machine (DNS rebinding) is refused by it
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import logging
@@ -19,6 +20,7 @@ from aiohttp.typedefs import Handler
 
 from webvirt.config import Settings
 from webvirt.middlewares import error_body
+from webvirt.worker_threads import DaemonThreadPool
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +29,45 @@ PROTECTED_PREFIX = "/api/"
 PUBLIC_PATHS = frozenset({"/api/0/openapi.json"})
 
 
+# How long requests wait, all together, for this machine's DNS name (see FqdnLookup).
+FQDN_TIMEOUT_S = 2.0
+
+
 def default_allowed_hosts() -> set[str]:
+    """The names known without asking DNS; this machine's fully qualified name comes later."""
     names = {"localhost", "localhost.localdomain"}
     hostname = socket.gethostname().lower()
-    names |= {hostname, f"{hostname}.local", socket.getfqdn().lower()}
+    names |= {hostname, f"{hostname}.local"}
     return names
+
+
+class FqdnLookup:
+    """This machine's fully qualified name: socket.getfqdn(), asked once, on first need.
+
+    getfqdn() asks DNS, which can hang for many seconds when DNS is broken; so start-up never
+    calls it, it runs on a daemon thread (nothing waits for it at exit), and requests wait
+    for it at most `timeout` seconds in all, counted from the first one that needed it.
+    """
+
+    def __init__(self, timeout: float = FQDN_TIMEOUT_S):
+        self.timeout = timeout
+        self._pool = DaemonThreadPool(max_workers=1, name_prefix="webvirt-fqdn")
+        self._answer: asyncio.Future[str] | None = None
+        self._deadline = 0.0
+
+    async def name(self) -> str | None:
+        """The name in lower case, or None while DNS has not answered in time."""
+        loop = asyncio.get_running_loop()
+        if self._answer is None:
+            self._answer = asyncio.wrap_future(self._pool.submit(socket.getfqdn), loop=loop)
+            self._deadline = loop.time() + self.timeout
+        try:
+            # Shielded: a request that gives up does not cancel the lookup for later ones.
+            answer = await asyncio.wait_for(asyncio.shield(self._answer),
+                                            max(0.0, self._deadline - loop.time()))
+        except (TimeoutError, OSError, ValueError):
+            return None
+        return answer.lower()
 
 
 def host_name(host_header: str) -> str:
@@ -55,15 +91,18 @@ class Guard:
         self.token = as_bytes(settings.token) if settings.token else None
         self.allowed_hosts = default_allowed_hosts() | {h.lower() for h in settings.allowed_hosts}
         self.allow_any_host = "*" in settings.allowed_hosts
+        self.fqdn = FqdnLookup()
 
-    def host_allowed(self, host_header: str | None) -> bool:
+    async def host_allowed(self, host_header: str | None) -> bool:
         if self.allow_any_host:
             return True
         if not host_header:
             return False
         name = host_name(host_header)
         # Rebinding needs a name the attacker controls; an IP literal cannot be rebound.
-        return is_ip_literal(name) or name in self.allowed_hosts
+        if is_ip_literal(name) or name in self.allowed_hosts:
+            return True
+        return name == await self.fqdn.name()
 
     def cross_site(self, request: web.Request) -> str | None:
         """Why a browser request comes from another site, or None."""
@@ -93,7 +132,7 @@ class Guard:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not self.host_allowed(request.headers.get("Host")):
+        if not await self.host_allowed(request.headers.get("Host")):
             return refuse(request, 403, "host_not_allowed",
                           f"Host {request.headers.get('Host')!r} is not an allowed name for "
                           "this server (start webvirt with --allow-host NAME to add it)")
