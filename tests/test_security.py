@@ -159,6 +159,31 @@ async def test_start_up_and_requests_do_not_wait_for_a_hung_dns(
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/docs", "/redoc",
+                                  "/static/vendor/redoc.standalone.js"])
+async def test_pages_forbid_framing(client: TestClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status == 200
+    assert response.headers["X-Frame-Options"] == "DENY"
+    policy = [d.strip() for d in response.headers["Content-Security-Policy"].split(";")]
+    assert {"frame-ancestors 'none'", "default-src 'none'"} <= set(policy)
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize(("path", "headers", "status"), [
+    ("/api/0/version", {}, 200),
+    ("/api/0/state/nope", {}, 404),
+    ("/api/0/start/win11", {"Origin": "http://evil.example"}, 403),
+    ("/api/0/openapi.json", {}, 200),
+])
+async def test_api_answers_are_never_sniffed(client: TestClient, path: str, headers: dict,
+                                             status: int) -> None:
+    response = await client.get(path, headers=headers)
+    assert response.status == status
+    assert response.content_type == "application/json"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
 # Hostile input never gets a 500, and every error, whichever layer refuses it, is JSON.
 
 

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def error_body(status: int, code: str, detail: str) -> web.Response:
-    return web.json_response({"detail": detail, "code": code, "status": status}, status=status)
+    return web.json_response({"detail": detail, "code": code, "status": status}, status=status,
+                             headers={"X-Content-Type-Options": "nosniff"})
 
 
 @web.middleware

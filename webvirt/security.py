@@ -1,16 +1,21 @@
-"""Safe on a LAN: allowed Host names (DNS rebinding), no cross-site requests, optional token.
+"""Safe on a LAN: allowed Host names (DNS rebinding), no cross-site requests, optional token,
+pages that no other site can frame (clickjacking).
 
 A state-changing GET is reachable from any web page a user visits (<img src=".../shutdown/
 win11">), so /api/ refuses requests a browser marks as coming from another site. A page on an
 attacker's domain that resolves to this machine (DNS rebinding) is refused by its Host name.
+A page that frames the dashboard under a decoy could trick a click on Start or Force off.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -28,6 +33,20 @@ PROTECTED_PREFIX = "/api/"
 # Where the spec lives: readable without a token so /docs can load it.
 PUBLIC_PATHS = frozenset({"/api/0/openapi.json"})
 
+
+# Content-Security-Policy of each page: only its own files, never inside another site's frame.
+_NOTHING_ELSE = "default-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+DASHBOARD_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'; style-src 'self'; img-src 'self'; "
+                    "connect-src 'self'")
+# Swagger UI: an inline start-up script (allowed by its hash, see inline_script_hashes), and
+# <style> elements added at run time.
+SWAGGER_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'{{inline_scripts}}; "
+                  "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'")
+# ReDoc adds <style> elements at run time and searches in a worker made from a blob.
+REDOC_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                "img-src 'self' data:; connect-src 'self'; worker-src blob:")
+PAGE_POLICIES = {"/": DASHBOARD_POLICY, "/docs": SWAGGER_POLICY, "/redoc": REDOC_POLICY}
+INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\ssrc=)[^>]*>(.*?)</script>", re.DOTALL)
 
 # How long requests wait, all together, for this machine's DNS name (see FqdnLookup).
 FQDN_TIMEOUT_S = 2.0
@@ -147,7 +166,33 @@ class Guard:
                                   "or ?token=TOKEN")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="webvirt"'
                 return response
-        return await handler(request)
+        response = await handler(request)
+        add_security_headers(request.path, response)
+        return response
+
+
+def add_security_headers(path: str, response: web.StreamResponse) -> None:
+    if response.prepared:  # an event stream: its headers are sent, and it is no page
+        return
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    policy = PAGE_POLICIES.get(path)
+    if policy is None and path.startswith("/static/"):
+        policy = DASHBOARD_POLICY  # were a file there opened as a page, it gets the strictest
+    if policy is None:
+        return
+    if "{inline_scripts}" in policy:
+        body = response.body if isinstance(response, web.Response) else None
+        policy = policy.format(
+            inline_scripts=inline_script_hashes(body if isinstance(body, bytes) else b""))
+    response.headers["Content-Security-Policy"] = policy
+    response.headers["X-Frame-Options"] = "DENY"  # for browsers without frame-ancestors
+
+
+def inline_script_hashes(html: bytes) -> str:
+    """CSP sources (each after a space) that allow exactly the page's own inline scripts."""
+    return "".join(
+        f" 'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in INLINE_SCRIPT.findall(html))
 
 
 def as_bytes(text: str) -> bytes:
