@@ -8,7 +8,7 @@ from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
 from playwright.async_api import Page, expect
 
-from tests.conftest import blocked_by_csp
+from tests.conftest import ClientFactory, blocked_by_csp
 
 SEED_PATHS = {
     "/api/0/state/{domain}", "/api/0/start/{domain}", "/api/0/shutdown/{domain}",
@@ -44,6 +44,19 @@ async def test_every_operation_declares_responses(client: TestClient) -> None:
             assert "200" in operation["responses"] or "101" in operation["responses"], (
                 path, method)
             assert operation.get("summary"), (path, method)
+
+
+async def test_spec_says_what_the_guard_answers(make_client: ClientFactory) -> None:
+    open_spec = await fetch_spec(await make_client())
+    assert {} in open_spec["security"]  # no token: auth optional
+    spec = await fetch_spec(await make_client(token="s3cret"))
+    assert spec["security"] == [{"bearer": []}, {"token": []}]
+    validate(spec)
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            assert {"401", "403"} <= set(operation["responses"]), (path, method)
+            if "{" in path:
+                assert "400" in operation["responses"], (path, method)
 
 
 def external_urls(html: str) -> list[str]:
