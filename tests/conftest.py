@@ -9,6 +9,7 @@ from typing import Any
 import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
+from playwright.async_api import Browser, Page, async_playwright
 
 from tests.libvirt_daemon import LibvirtDaemon
 from tests.processes import REPO
@@ -18,6 +19,47 @@ from webvirt.config import Settings
 DEMO_HOST_URI = f"test://{REPO / 'demo' / 'host.xml'}"
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
+
+CHROMIUM = os.environ.get("WEBVIRT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    """Real headless Chromium (Debian's chromium, driven by Playwright), for the pages."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} not found: scripts/install --test installs Debian's chromium")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                   args=CHROMIUM_FLAGS)
+        yield browser
+        await browser.close()
+
+
+# Every page records what its Content-Security-Policy blocked, for blocked_by_csp().
+RECORD_CSP_VIOLATIONS = """
+window.cspViolations = [];
+document.addEventListener("securitypolicyviolation",
+    (e) => window.cspViolations.push(`${e.effectiveDirective} ${e.blockedURI}`));
+"""
+
+
+@pytest.fixture
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context()
+    await context.add_init_script(RECORD_CSP_VIOLATIONS)
+    page = await context.new_page()
+    yield page
+    await context.close()
+
+
+async def blocked_by_csp(page: Page) -> list[str]:
+    """What the page's policy blocked, except files from the internet (never loaded anyway)."""
+    violations: list[str] = await page.evaluate("window.cspViolations")
+    return [v for v in violations if not v.split(" ", 1)[1].startswith("https://")]
 
 
 @pytest.fixture

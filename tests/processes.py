@@ -20,8 +20,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_serving(url: str) -> None:
-    """Until the URL answers at all (any HTTP status counts)."""
+def wait_until_serving(url: str, process: subprocess.Popen[str] | None = None) -> None:
+    """Until the URL answers at all (any HTTP status counts); fails at once if process ends."""
     for _ in range(200):
         try:
             urllib.request.urlopen(url, timeout=2).close()
@@ -29,6 +29,10 @@ def wait_until_serving(url: str) -> None:
         except urllib.error.HTTPError:
             return
         except OSError:
+            if process is not None and process.poll() is not None:
+                _, log = process.communicate()
+                raise AssertionError(
+                    f"the server exited with {process.returncode}:\n{log}") from None
             time.sleep(0.1)
     raise AssertionError(f"{url} did not answer")
 

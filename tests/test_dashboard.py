@@ -2,42 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import AsyncIterator
 
 import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
-from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, expect
 
-from tests.conftest import ClientFactory
+from tests.conftest import ClientFactory, blocked_by_csp
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
-
-CHROMIUM = os.environ.get("WEBVIRT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
-@pytest.fixture(scope="session")
-async def browser() -> AsyncIterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} not found: scripts/install --test installs Debian's chromium")
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                                   args=CHROMIUM_FLAGS)
-        yield browser
-        await browser.close()
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context()
-    page = await context.new_page()
-    yield page
-    await context.close()
 
 
 def card(page: Page, name: str) -> Locator:
@@ -58,6 +31,31 @@ async def test_shows_every_vm_with_its_state(client: TestClient, page: Page) -> 
     await expect(card(page, "win11").locator("button:visible")).to_have_text(["Start"])
     await expect(card(page, "linux-dev").locator("button:visible")).to_have_text(
         ["Shut down", "Force off"])
+
+
+async def test_works_under_its_content_security_policy(client: TestClient, page: Page) -> None:
+    response = await page.goto(str(client.make_url("/")))
+    assert response is not None
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    await expect(page.locator("#connection")).to_have_text("live")
+    await card(page, "win11").get_by_role("button", name="Start").click()
+    await expect(card(page, "win11").locator(".state")).to_have_text("running")
+    await expect(page.locator("#device-template option")).not_to_have_count(0)
+    assert await blocked_by_csp(page) == []
+
+
+async def test_no_other_site_can_frame_the_pages(client: TestClient, page: Page) -> None:
+    # Clickjacking: a decoy page must not show the dashboard (or the docs' Try it out) inside.
+    frames = "".join(f'<iframe src="{client.make_url(path)}" onload="this.dataset.loaded=1">'
+                     "</iframe>" for path in ("/", "/docs", "/redoc"))
+    await page.set_content(f"<h1>Win a prize!</h1>{frames}")
+    await page.wait_for_function(
+        "[...document.querySelectorAll('iframe')].every((f) => f.dataset.loaded)")
+    framed = page.frames[1:]
+    assert len(framed) == 3
+    # A refused frame shows the browser's error page instead of the framed one.
+    assert [f.url.split(":", 1)[0] for f in framed] == ["chrome-error"] * 3, \
+        [f.url for f in framed]
 
 
 async def test_a_state_change_shows_within_a_second(client: TestClient, page: Page) -> None:

@@ -6,6 +6,9 @@ import re
 
 from aiohttp.test_utils import TestClient
 from openapi_spec_validator import validate
+from playwright.async_api import Page, expect
+
+from tests.conftest import ClientFactory, blocked_by_csp
 
 SEED_PATHS = {
     "/api/0/state/{domain}", "/api/0/start/{domain}", "/api/0/shutdown/{domain}",
@@ -43,6 +46,19 @@ async def test_every_operation_declares_responses(client: TestClient) -> None:
             assert operation.get("summary"), (path, method)
 
 
+async def test_spec_says_what_the_guard_answers(make_client: ClientFactory) -> None:
+    open_spec = await fetch_spec(await make_client())
+    assert {} in open_spec["security"]  # no token: auth optional
+    spec = await fetch_spec(await make_client(token="s3cret"))
+    assert spec["security"] == [{"bearer": []}, {"token": []}]
+    validate(spec)
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            assert {"401", "403"} <= set(operation["responses"]), (path, method)
+            if "{" in path:
+                assert "400" in operation["responses"], (path, method)
+
+
 def external_urls(html: str) -> list[str]:
     return re.findall(r"""(?:src|href)=["'](https?://[^"']+)""", html)
 
@@ -70,3 +86,27 @@ async def test_redoc_is_served_locally(client: TestClient) -> None:
     assert len(await response.read()) > 500_000
     html = await (await client.get("/redoc")).text()
     assert 'spec-url="/api/0/openapi.json"' in html
+
+
+async def test_swagger_ui_works_under_its_content_security_policy(
+        client: TestClient, page: Page) -> None:
+    response = await page.goto(str(client.make_url("/docs")))
+    assert response is not None
+    assert "'sha256-" in response.headers["content-security-policy"]  # its inline script
+    version = page.locator(".opblock", has_text="/api/0/version")
+    await version.locator(".opblock-summary").click()
+    await version.get_by_role("button", name="Try it out").click()
+    await version.get_by_role("button", name="Execute").click()
+    await expect(version.locator(".live-responses-table td.response-col_status")).to_have_text(
+        ["Code", "200"])
+    assert await blocked_by_csp(page) == []
+
+
+async def test_redoc_works_under_its_content_security_policy(
+        client: TestClient, page: Page) -> None:
+    await page.goto(str(client.make_url("/redoc")))
+    await expect(page.get_by_role("heading", name="Get domain state")).to_be_visible()
+    # Its search runs in a worker made from a blob.
+    await page.get_by_placeholder("Search...").fill("domain state")
+    await expect(page.locator("[role=search]").get_by_text("Get domain state")).to_be_visible()
+    assert await blocked_by_csp(page) == []

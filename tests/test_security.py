@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
+import threading
+import time
+
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory
 from tests.test_seed_api import get_json
+from webvirt.security import FQDN_TIMEOUT_S, Guard
 
 TOKEN = "s3cret-token"
 
@@ -103,3 +110,136 @@ async def test_allow_host(make_client: ClientFactory) -> None:
     client = await make_client(allowed_hosts=("vmhost.lan",))
     assert (await client.get("/api/0/version", headers={"Host": "vmhost.lan:5000"})).status == 200
     assert (await client.get("/api/0/version", headers={"Host": "other.lan"})).status == 403
+
+
+async def test_host_equal_to_this_machines_fqdn_is_allowed(
+        make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "VMHOST.Example.org")
+    client = await make_client()
+    headers = {"Host": "vmhost.example.org:5000"}
+    assert (await client.get("/api/0/version", headers=headers)).status == 200
+    assert (await client.get("/api/0/version", headers={"Host": "other.example.org"})).status \
+        == 403
+
+
+async def test_start_up_and_requests_do_not_wait_for_a_hung_dns(
+        make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[float] = []
+    dns_answers = threading.Event()
+
+    def hung_getfqdn() -> str:  # like getfqdn() with a DNS server that does not answer
+        calls.append(time.monotonic())
+        dns_answers.wait(timeout=30)
+        return "slow.example.org"
+
+    monkeypatch.setattr(socket, "getfqdn", hung_getfqdn)
+    try:
+        client = await make_client()
+        assert calls == []
+        assert (await client.get("/api/0/version")).status == 200
+        assert calls == []  # known names never ask DNS
+        started = time.monotonic()
+        refused = await client.get("/api/0/version", headers={"Host": "slow.example.org"})
+        assert refused.status == 403
+        assert time.monotonic() - started < FQDN_TIMEOUT_S + 1
+        # The time budget is spent: later requests do not wait again, nor ask again.
+        started = time.monotonic()
+        refused = await client.get("/api/0/version", headers={"Host": "slow.example.org"})
+        assert refused.status == 403
+        assert time.monotonic() - started < 1
+        assert len(calls) == 1
+    finally:
+        dns_answers.set()
+    # Once DNS answers, the name is allowed.
+    deadline = time.monotonic() + 10
+    while (await client.get("/api/0/version", headers={"Host": "slow.example.org"})).status \
+            != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("path", ["/", "/static/app.js", "/docs", "/redoc",
+                                  "/static/vendor/redoc.standalone.js"])
+async def test_pages_forbid_framing(client: TestClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status == 200
+    assert response.headers["X-Frame-Options"] == "DENY"
+    policy = [d.strip() for d in response.headers["Content-Security-Policy"].split(";")]
+    assert {"frame-ancestors 'none'", "default-src 'none'"} <= set(policy)
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+@pytest.mark.parametrize(("path", "headers", "status"), [
+    ("/api/0/version", {}, 200),
+    ("/api/0/state/nope", {}, 404),
+    ("/api/0/start/win11", {"Origin": "http://evil.example"}, 403),
+    ("/api/0/openapi.json", {}, 200),
+])
+async def test_api_answers_are_never_sniffed(client: TestClient, path: str, headers: dict,
+                                             status: int) -> None:
+    response = await client.get(path, headers=headers)
+    assert response.status == status
+    assert response.content_type == "application/json"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+# Hostile input never gets a 500, and every error, whichever layer refuses it, is JSON.
+
+
+async def raw_get(client: TestClient, target: str, *headers: bytes) -> tuple[int, dict]:
+    """GET over a plain socket, for bytes an HTTP client library would refuse to send."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(b"\r\n".join([f"GET {target} HTTP/1.1".encode(), b"Host: localhost",
+                                    *headers, b"Connection: close", b"", b""]))
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head, answer
+    return int(head.split()[1]), json.loads(body)
+
+
+def assert_error_body(body: dict, status: int, code: str) -> None:
+    assert body == {"detail": body["detail"], "code": code, "status": status}
+
+
+@pytest.mark.parametrize("path", [
+    "/api/0/state/win%0011", "/api/0/start/win%0011", "/api/0/shutdown/%00",
+    "/api/0/devices/win11%00", "/api/0/attach/win%0011/usb?vendor_id=1&product_id=2",
+])
+async def test_nul_in_the_domain_name_is_a_json_400(client: TestClient, path: str) -> None:
+    response = await client.get(path)
+    assert response.status == 400
+    body = await response.json()
+    assert_error_body(body, 400, "bad_parameter")
+    assert "domain" in body["detail"]
+    assert await get_json(client, "/api/0/state/win11") == "shut off"
+
+
+async def test_non_utf8_authorization_header_is_a_json_401(make_client: ClientFactory) -> None:
+    client = await make_client(token=TOKEN)
+    status, body = await raw_get(client, "/api/0/state/win11", b"Authorization: Bearer \xff\xfe")
+    assert status == 401
+    assert_error_body(body, 401, "unauthorized")
+
+
+async def test_malformed_origin_is_a_json_403(client: TestClient) -> None:
+    status, body = await raw_get(client, "/api/0/start/win11", b"Origin: http://[::1")
+    assert status == 403
+    assert_error_body(body, 403, "cross_site_request")
+    assert await get_json(client, "/api/0/state/win11") == "shut off"
+
+
+async def test_a_bug_in_the_guard_still_answers_json(
+        make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("a bug in the guard")
+
+    monkeypatch.setattr(Guard, "cross_site", broken)
+    client = await make_client()
+    status, body = await raw_get(client, "/api/0/version")
+    assert status == 500
+    assert_error_body(body, 500, "internal_error")

@@ -13,7 +13,7 @@ from webvirt.appkeys import EVENT_HUB, HOST, SETTINGS, TEMPLATES
 from webvirt.config import Settings
 from webvirt.events import EventHub
 from webvirt.host import Host
-from webvirt.middlewares import json_errors
+from webvirt.middlewares import json_errors, path_parameters
 from webvirt.openapi import setup_openapi
 from webvirt.security import Guard
 from webvirt.templates import TemplateStore
@@ -51,7 +51,7 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
-    app = web.Application(middlewares=[guard.middleware, json_errors])
+    app = web.Application(middlewares=[json_errors, guard.middleware, path_parameters])
     app[SETTINGS] = settings
     app[EVENT_HUB] = hub = EventHub()
     app[HOST] = Host(settings.uri, hub, call_timeout=settings.call_timeout,

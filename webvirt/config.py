@@ -6,7 +6,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-DEFAULT_STATIC_DIR = PACKAGE_DIR.parent / "static"
+
+
+def default_static_dir() -> Path:
+    """The dashboard's and ReDoc's files: webvirt/static when installed (pip, wheel, single-file
+    build), else the repository's static/ (a checkout, an editable install)."""
+    packaged = PACKAGE_DIR / "static"
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / "static"
+
+
+DEFAULT_STATIC_DIR = default_static_dir()
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from webvirt.errors import ApiError
+from webvirt.schemas import check_path
 
 log = logging.getLogger(__name__)
 
 
 def error_body(status: int, code: str, detail: str) -> web.Response:
-    return web.json_response({"detail": detail, "code": code, "status": status}, status=status)
+    return web.json_response({"detail": detail, "code": code, "status": status}, status=status,
+                             headers={"X-Content-Type-Options": "nosniff"})
 
 
 @web.middleware
@@ -35,3 +37,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         # A bug, not bad input: say so in the log with the traceback, and in JSON to the client.
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_body(500, "internal_error", "internal server error; see the server log")
+
+
+@web.middleware
+async def path_parameters(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Handlers (and libvirt) only see path parameters that their documented schema allows."""
+    check_path(request)
+    return await handler(request)

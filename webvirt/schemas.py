@@ -1,22 +1,29 @@
-"""Marshmallow schemas: they document the API in OpenAPI and parse query strings."""
+"""Marshmallow schemas: they document the API in OpenAPI, parse query strings and check path
+parameters."""
 
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp_apigami.constants import SCHEMAS_ATTR
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
 from marshmallow.validate import Range, Regexp
 
 from webvirt.errors import ApiError
 from webvirt.templates import TEMPLATE_NAME
 
+# libvirt takes names as C strings: its binding raises ValueError on a NUL.
+NO_NUL = Regexp(r"^[^\x00]+$", error="must not contain a NUL character")
+
 
 class DomainPath(Schema):
-    domain = fields.Str(required=True, metadata={"description": "Domain name (or UUID)"})
+    domain = fields.Str(required=True, validate=NO_NUL,
+                        metadata={"description": "Domain name (or UUID)"})
 
 
 class TemplatePath(DomainPath):
     xml_name = fields.Str(
-        required=True, validate=Regexp(TEMPLATE_NAME),
+        required=True,
+        validate=Regexp(TEMPLATE_NAME, error="use letters, digits, '_', '-' and '.'"),
         metadata={"description": "Template name: devices/{xml_name}.xml"},
     )
 
@@ -67,12 +74,28 @@ def error_responses(*statuses: int) -> dict[int, dict[str, object]]:
     return {s: {"description": text[s], "schema": Error} for s in statuses}
 
 
+def _problems(err: ValidationError) -> str:
+    messages = err.messages if isinstance(err.messages, dict) else {"": err.messages}
+    return "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in messages.items())
+
+
 def parse_query(request: web.Request, schema: type[Schema]) -> dict[str, object]:
     try:
         return schema().load(request.query)
     except ValidationError as err:
-        problems = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in err.messages.items())
-        raise ApiError(f"bad query parameter: {problems}", code="bad_parameter") from None
+        raise ApiError(f"bad query parameter: {_problems(err)}", code="bad_parameter") from None
+
+
+def check_path(request: web.Request) -> None:
+    """Check the path parameters against the handler's @match_info_schema, if it has one."""
+    for declared in getattr(request.match_info.handler, SCHEMAS_ATTR, ()):
+        if declared.location != "match_info":
+            continue
+        try:
+            declared.schema.load(dict(request.match_info))
+        except ValidationError as err:
+            raise ApiError(f"bad path parameter: {_problems(err)}",
+                           code="bad_parameter") from None
 
 
 class WaitQuery(Schema):

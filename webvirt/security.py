@@ -1,15 +1,21 @@
-"""Safe on a LAN: allowed Host names (DNS rebinding), no cross-site requests, optional token.
+"""Safe on a LAN: allowed Host names (DNS rebinding), no cross-site requests, optional token,
+pages that no other site can frame (clickjacking).
 
 A state-changing GET is reachable from any web page a user visits (<img src=".../shutdown/
 win11">), so /api/ refuses requests a browser marks as coming from another site. A page on an
 attacker's domain that resolves to this machine (DNS rebinding) is refused by its Host name.
+A page that frames the dashboard under a decoy could trick a click on Start or Force off.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Iterable
 from urllib.parse import urlsplit
@@ -19,6 +25,7 @@ from aiohttp.typedefs import Handler
 
 from webvirt.config import Settings
 from webvirt.middlewares import error_body
+from webvirt.worker_threads import DaemonThreadPool
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +34,59 @@ PROTECTED_PREFIX = "/api/"
 PUBLIC_PATHS = frozenset({"/api/0/openapi.json"})
 
 
+# Content-Security-Policy of each page: only its own files, never inside another site's frame.
+_NOTHING_ELSE = "default-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+DASHBOARD_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'; style-src 'self'; img-src 'self'; "
+                    "connect-src 'self'")
+# Swagger UI: an inline start-up script (allowed by its hash, see inline_script_hashes), and
+# <style> elements added at run time.
+SWAGGER_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'{{inline_scripts}}; "
+                  "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'")
+# ReDoc adds <style> elements at run time and searches in a worker made from a blob.
+REDOC_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                "img-src 'self' data:; connect-src 'self'; worker-src blob:")
+PAGE_POLICIES = {"/": DASHBOARD_POLICY, "/docs": SWAGGER_POLICY, "/redoc": REDOC_POLICY}
+INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\ssrc=)[^>]*>(.*?)</script>", re.DOTALL)
+
+# How long requests wait, all together, for this machine's DNS name (see FqdnLookup).
+FQDN_TIMEOUT_S = 2.0
+
+
 def default_allowed_hosts() -> set[str]:
+    """The names known without asking DNS; this machine's fully qualified name comes later."""
     names = {"localhost", "localhost.localdomain"}
     hostname = socket.gethostname().lower()
-    names |= {hostname, f"{hostname}.local", socket.getfqdn().lower()}
+    names |= {hostname, f"{hostname}.local"}
     return names
+
+
+class FqdnLookup:
+    """This machine's fully qualified name: socket.getfqdn(), asked once, on first need.
+
+    getfqdn() asks DNS, which can hang for many seconds when DNS is broken; so start-up never
+    calls it, it runs on a daemon thread (nothing waits for it at exit), and requests wait
+    for it at most `timeout` seconds in all, counted from the first one that needed it.
+    """
+
+    def __init__(self, timeout: float = FQDN_TIMEOUT_S):
+        self.timeout = timeout
+        self._pool = DaemonThreadPool(max_workers=1, name_prefix="webvirt-fqdn")
+        self._answer: asyncio.Future[str] | None = None
+        self._deadline = 0.0
+
+    async def name(self) -> str | None:
+        """The name in lower case, or None while DNS has not answered in time."""
+        loop = asyncio.get_running_loop()
+        if self._answer is None:
+            self._answer = asyncio.wrap_future(self._pool.submit(socket.getfqdn), loop=loop)
+            self._deadline = loop.time() + self.timeout
+        try:
+            # Shielded: a request that gives up does not cancel the lookup for later ones.
+            answer = await asyncio.wait_for(asyncio.shield(self._answer),
+                                            max(0.0, self._deadline - loop.time()))
+        except (TimeoutError, OSError, ValueError):
+            return None
+        return answer.lower()
 
 
 def host_name(host_header: str) -> str:
@@ -52,18 +107,21 @@ def is_ip_literal(name: str) -> bool:
 
 class Guard:
     def __init__(self, settings: Settings):
-        self.token = settings.token.encode() if settings.token else None
+        self.token = as_bytes(settings.token) if settings.token else None
         self.allowed_hosts = default_allowed_hosts() | {h.lower() for h in settings.allowed_hosts}
         self.allow_any_host = "*" in settings.allowed_hosts
+        self.fqdn = FqdnLookup()
 
-    def host_allowed(self, host_header: str | None) -> bool:
+    async def host_allowed(self, host_header: str | None) -> bool:
         if self.allow_any_host:
             return True
         if not host_header:
             return False
         name = host_name(host_header)
         # Rebinding needs a name the attacker controls; an IP literal cannot be rebound.
-        return is_ip_literal(name) or name in self.allowed_hosts
+        if is_ip_literal(name) or name in self.allowed_hosts:
+            return True
+        return name == await self.fqdn.name()
 
     def cross_site(self, request: web.Request) -> str | None:
         """Why a browser request comes from another site, or None."""
@@ -72,7 +130,10 @@ class Guard:
             return f"Sec-Fetch-Site: {fetch_site}"
         origin = request.headers.get("Origin")
         if origin and origin != "null":
-            origin_host = urlsplit(origin).netloc.lower()
+            try:
+                origin_host = urlsplit(origin).netloc.lower()
+            except ValueError:  # e.g. "http://[::1": not an origin this server could have
+                return f"Origin {origin} is not a valid origin"
             if origin_host != (request.host or "").lower():
                 return f"Origin {origin} is not this server"
         elif origin == "null":
@@ -86,11 +147,11 @@ class Guard:
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer":
             given = credentials.strip()
-        return hmac.compare_digest(given.encode(), self.token)
+        return hmac.compare_digest(as_bytes(given), self.token)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not self.host_allowed(request.headers.get("Host")):
+        if not await self.host_allowed(request.headers.get("Host")):
             return refuse(request, 403, "host_not_allowed",
                           f"Host {request.headers.get('Host')!r} is not an allowed name for "
                           "this server (start webvirt with --allow-host NAME to add it)")
@@ -105,7 +166,38 @@ class Guard:
                                   "or ?token=TOKEN")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="webvirt"'
                 return response
-        return await handler(request)
+        response = await handler(request)
+        add_security_headers(request.path, response)
+        return response
+
+
+def add_security_headers(path: str, response: web.StreamResponse) -> None:
+    if response.prepared:  # an event stream: its headers are sent, and it is no page
+        return
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    policy = PAGE_POLICIES.get(path)
+    if policy is None and path.startswith("/static/"):
+        policy = DASHBOARD_POLICY  # were a file there opened as a page, it gets the strictest
+    if policy is None:
+        return
+    if "{inline_scripts}" in policy:
+        body = response.body if isinstance(response, web.Response) else None
+        policy = policy.format(
+            inline_scripts=inline_script_hashes(body if isinstance(body, bytes) else b""))
+    response.headers["Content-Security-Policy"] = policy
+    response.headers["X-Frame-Options"] = "DENY"  # for browsers without frame-ancestors
+
+
+def inline_script_hashes(html: bytes) -> str:
+    """CSP sources (each after a space) that allow exactly the page's own inline scripts."""
+    return "".join(
+        f" 'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+        for script in INLINE_SCRIPT.findall(html))
+
+
+def as_bytes(text: str) -> bytes:
+    # aiohttp decodes non-UTF-8 header bytes to lone surrogates, which plain encode() refuses.
+    return text.encode("utf-8", "surrogatepass")
 
 
 def refuse(request: web.Request, status: int, code: str, detail: str) -> web.Response:
