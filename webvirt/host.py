@@ -39,6 +39,9 @@ T = TypeVar("T")
 
 RECONNECT_DELAYS_S = (0.2, 0.5, 1, 2, 5)
 SHUTDOWN_CALL_S = 2
+# A read often sees a change before its lifecycle event arrives; only what no event has told
+# event clients within this time is published as a correction.
+CORRECTION_GRACE_S = 1.0
 Change = tuple[DomainEntry | None, DomainEntry | None]
 
 
@@ -58,6 +61,10 @@ class Host:
         self._connections: list[Connection] = []
         self._busy: set[str] = set()  # UUIDs with an exclusive operation under way
         self._dirty: set[str] = set()  # UUIDs to re-read
+        # What the event stream last said each domain's state is (by UUID), and the domains
+        # whose cached state changed by a read and may need a correction.
+        self._told: dict[str, str] = {}
+        self._unsettled: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._reconnector: asyncio.Task[None] | None = None
@@ -101,6 +108,7 @@ class Host:
         if self._connections is not connections:  # lost again while setting up
             raise Unavailable("the connection was lost while setting up")
         self.connected = True
+        self._told = {entry.uuid: entry.state for entry in self.cache}
         if self._ever_connected:
             self.hub.publish("connection", state="restored", uri=self.connected_uri)
             self.hub.broadcast_snapshot()
@@ -233,6 +241,7 @@ class Host:
         if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED and state == "shutoff":
             state = None  # gone for good; a running transient domain stays until it stops
         self.cache.apply_event(uuid, name, state)
+        self._told[uuid] = state or "undefined"
         self.hub.publish(
             "lifecycle", domain=name, uuid=uuid,
             event=LIFECYCLE_EVENTS.get(event, str(event)),
@@ -284,15 +293,29 @@ class Host:
                     await self._resync()
 
     def _apply(self, change: Change | None) -> None:
-        """A read changed the cache: tell event clients, since no lifecycle event did."""
+        """A read changed the cache: event clients must hear of it, by an event or else."""
         if change is None or change[0] == change[1]:
             return
-        before, after = change
-        entry = after or before
+        entry = change[1] or change[0]
         assert entry is not None
-        self.hub.publish("state", domain=entry.name, uuid=entry.uuid,
-                         state=after.state if after else "undefined",
-                         previous=before.state if before else "undefined")
+        if entry.uuid not in self._unsettled:
+            self._unsettled.add(entry.uuid)
+            asyncio.get_running_loop().call_later(CORRECTION_GRACE_S, self._settle, entry)
+
+    def _settle(self, entry: DomainEntry) -> None:
+        self._unsettled.discard(entry.uuid)
+        if not self.connected:
+            return  # the snapshot after the reconnect tells clients
+        current = self.cache.by_uuid(entry.uuid)
+        state = current.state if current else "undefined"
+        told = self._told.get(entry.uuid, "undefined")
+        if state == told:
+            return
+        self._told[entry.uuid] = state
+        if current is None:
+            del self._told[entry.uuid]
+        self.hub.publish("state", domain=(current or entry).name, uuid=entry.uuid,
+                         state=state, previous=told)
 
 
 # Blocking helpers; each runs on a connection's thread.

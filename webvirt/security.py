@@ -17,7 +17,9 @@ import ipaddress
 import logging
 import re
 import socket
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -25,7 +27,6 @@ from aiohttp.typedefs import Handler
 
 from webvirt.config import Settings
 from webvirt.middlewares import error_body
-from webvirt.worker_threads import DaemonThreadPool
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,6 @@ class FqdnLookup:
 
     def __init__(self, timeout: float = FQDN_TIMEOUT_S):
         self.timeout = timeout
-        self._pool = DaemonThreadPool(max_workers=1, name_prefix="webvirt-fqdn")
         self._answer: asyncio.Future[str] | None = None
         self._deadline = 0.0
 
@@ -78,7 +78,7 @@ class FqdnLookup:
         """The name in lower case, or None while DNS has not answered in time."""
         loop = asyncio.get_running_loop()
         if self._answer is None:
-            self._answer = asyncio.wrap_future(self._pool.submit(socket.getfqdn), loop=loop)
+            self._answer = asyncio.wrap_future(in_daemon_thread(socket.getfqdn), loop=loop)
             self._deadline = loop.time() + self.timeout
         try:
             # Shielded: a request that gives up does not cancel the lookup for later ones.
@@ -87,6 +87,19 @@ class FqdnLookup:
         except (TimeoutError, OSError, ValueError):
             return None
         return answer.lower()
+
+
+def in_daemon_thread(fn: Callable[[], str]) -> Future[str]:
+    future: Future[str] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except Exception as err:  # the awaiting request gets it
+            future.set_exception(err)
+
+    threading.Thread(target=run, daemon=True, name="webvirt-fqdn").start()
+    return future
 
 
 def host_name(host_header: str) -> str:
