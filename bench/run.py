@@ -137,8 +137,8 @@ def fanout_rows(clients: int, changes: int) -> list[Row]:
 
 async def cache_vs_rpc(uri: str, name: str, calls: int) -> tuple[float, float]:
     """Seconds per state lookup: a libvirt RPC on a connection's thread vs the cache."""
-    from webvirt.events import EventHub
     from webvirt.host import Host, read_domain
+    from webvirt.hub import EventHub
 
     host = Host(uri, EventHub())
     await host.open()

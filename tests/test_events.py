@@ -11,10 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory
+from webvirt.api_events import CLOSE_LAGGING
 from webvirt.appkeys import EVENT_HUB
-from webvirt.messages import websocket_text_frame
-from webvirt.stream import CLOSE_LAGGING
-from webvirt.subscribers import QUEUE_LIMIT
+from webvirt.hub import QUEUE_LIMIT, websocket_text_frame
 
 
 async def next_json(ws: aiohttp.ClientWebSocketResponse, seconds: float = 5) -> dict[str, Any]:

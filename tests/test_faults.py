@@ -29,11 +29,11 @@ from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 from tests.processes import free_port, spawn_webvirt, wait_until_serving
 from tests.test_qemu import tablets
 from tests.waiting import next_message, until, until_sync
+from webvirt.api_events import LAST_WORD_S
 from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.domains import SEED_TEXT_BY_NAME, state_name
 from webvirt.host import read_domain
-from webvirt.stream import LAST_WORD_S
-from webvirt.subscribers import QUEUE_LIMIT
+from webvirt.hub import QUEUE_LIMIT
 
 # libvirt's keepalive (2 s x 3) notices a frozen daemon within about 8 s.
 NOTICE_FREEZE_S = 20

@@ -4,17 +4,18 @@ templates, and the host's USB/PCI devices with who holds them."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 import libvirt
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import device_xml, domains
 from webvirt.appkeys import EVENT_HUB, HOST, TEMPLATES
 from webvirt.errors import ApiError
-from webvirt.routing import get_and_post
 from webvirt.schemas import (
     DeviceQuery,
     DeviceResult,
@@ -29,7 +30,6 @@ from webvirt.schemas import (
 from webvirt.templates import DeviceTemplate
 
 log = logging.getLogger(__name__)
-routes = web.RouteTableDef()
 
 TEMPLATE_DESCRIPTION = (
     "Fills devices/{xml_name}.xml: every $UPPER_CASE variable takes the value of the query "
@@ -39,17 +39,16 @@ TEMPLATE_DESCRIPTION = (
 DEVICE_ERRORS = error_responses(400, 403, 404, 409, 422, 501, 503, 504)
 
 
-def device_route(action: str, summary: str, extra: str = "") -> Any:
-    """GET and POST /api/0/{action}/{domain}/{xml_name}, documented."""
+def device_docs(summary: str, extra: str = "") -> Callable[[Handler], Handler]:
+    """Documents /api/0/{action}/{domain}/{xml_name}."""
 
-    def decorate(handler: Any) -> Any:
-        documented = docs(
+    def document(handler: Handler) -> Handler:
+        return docs(  # type: ignore[no-any-return]
             tags=["devices"], summary=summary, description=TEMPLATE_DESCRIPTION + extra,
             responses={200: {"description": "Done", "schema": DeviceResult}, **DEVICE_ERRORS},
         )(match_info_schema(TemplatePath)(querystring_schema(DeviceQuery)(handler)))
-        return get_and_post(routes, f"/api/0/{action}/{{domain}}/{{xml_name}}")(documented)
 
-    return decorate
+    return document
 
 
 async def change_device(request: web.Request, action: str | None) -> web.Response:
@@ -82,24 +81,23 @@ async def change_device(request: web.Request, action: str | None) -> web.Respons
                               "template": template.name, "variables": parameters})
 
 
-@device_route("attach", "Attach host device")
+@device_docs("Attach host device")
 async def attach(request: web.Request) -> web.Response:
     return await change_device(request, "attach")
 
 
-@device_route("detach", "Detach host device")
+@device_docs("Detach host device")
 async def detach(request: web.Request) -> web.Response:
     return await change_device(request, "detach")
 
 
-@device_route("toggle", "Toggle host device (attach if absent, detach if present)",
-              " Host devices are matched by USB vendor/product (or address) and PCI address;"
+@device_docs("Toggle host device (attach if absent, detach if present)",
+             " Host devices are matched by USB vendor/product (or address) and PCI address;"
               " other devices by element name and the template's attributes.")
 async def toggle(request: web.Request) -> web.Response:
     return await change_device(request, None)
 
 
-@routes.get("/api/0/devices/{domain}", allow_head=False)
 @docs(
     tags=["devices"],
     summary="List a domain's host devices",
@@ -116,7 +114,6 @@ async def domain_devices(request: web.Request) -> web.Response:
     return web.json_response(device_xml.hostdevs(xml))
 
 
-@routes.get("/api/0/templates", allow_head=False)
 @docs(
     tags=["devices"],
     summary="List device templates",
@@ -148,7 +145,6 @@ def host_inventory(conn: libvirt.virConnect) -> list[dict[str, Any]]:
     return sorted(devices, key=lambda d: (d["type"], d["address"] or ""))
 
 
-@routes.get("/api/0/host/devices", allow_head=False)
 @docs(
     tags=["host"],
     summary="List host USB and PCI devices",

@@ -12,12 +12,12 @@ from typing import Any
 
 import libvirt
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import domains
 from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.domain_cache import DomainEntry
-from webvirt.routing import get_and_post
 from webvirt.schemas import (
     DomainPath,
     DomainSummary,
@@ -29,13 +29,8 @@ from webvirt.schemas import (
 )
 
 log = logging.getLogger(__name__)
-routes = web.RouteTableDef()
 Operation = Callable[[libvirt.virDomain], str]
-
-
-def action_routes(action: str) -> Callable[[Any], Any]:
-    """GET and POST /api/0/{action}/{domain} for one handler."""
-    return get_and_post(routes, f"/api/0/{action}/{{domain}}")
+POWER_ERRORS = error_responses(404, 409, 501, 503, 504)
 
 
 async def run_action(request: web.Request, action: str, operation: Operation,
@@ -48,7 +43,6 @@ async def run_action(request: web.Request, action: str, operation: Operation,
     return result
 
 
-@routes.get("/api/0/state/{domain}", allow_head=False)
 @docs(
     tags=["domains"],
     summary="Get domain state",
@@ -66,7 +60,6 @@ async def get_state(request: web.Request) -> web.Response:
     return web.json_response(domains.SEED_TEXT_BY_NAME.get(entry.state, ""))
 
 
-@routes.get("/api/0/domains", allow_head=False)
 @docs(
     tags=["domains"],
     summary="List domains",
@@ -78,40 +71,46 @@ async def list_domains(request: web.Request) -> web.Response:
     return web.json_response(await request.app[HOST].call(domains.list_summaries))
 
 
-# Actions that are done when libvirt returns: (operation, summary, answers, takes the lock).
-SIMPLE_ACTIONS: dict[str, tuple[Operation, str, tuple[str, ...], bool]] = {
-    "start": (domains.start, "Start domain", ("starting", "already running"), True),
-    "destroy": (domains.destroy, "Force off (destroy) domain", ("forced off", "not running"),
-                # Force off must work even while a slow action holds the domain.
-                False),
-    "reset": (domains.reset, "Reset domain (hard reset, like the reset button)", ("reset",),
-              True),
-    "suspend": (domains.suspend, "Pause domain", ("paused", "already paused"), True),
-    "resume": (domains.resume, "Resume paused domain", ("resumed", "already running"), True),
-}
+def power_docs(summary: str, *answers: str) -> Callable[[Handler], Handler]:
+    """Documents an action that is done when libvirt returns, answering one of `answers`."""
+
+    def document(handler: Handler) -> Handler:
+        return docs(  # type: ignore[no-any-return]
+            tags=["power"], summary=summary,
+            responses={200: {"description": "What happened", "schema": string_enum(*answers)},
+                       **POWER_ERRORS},
+        )(match_info_schema(DomainPath)(handler))
+
+    return document
 
 
-def simple_action(action: str, operation: Operation, summary: str, answers: tuple[str, ...],
-                  exclusive: bool) -> None:
-    async def handler(request: web.Request) -> web.Response:
-        return web.json_response(await run_action(request, action, operation,
-                                                  exclusive=exclusive))
-
-    handler.__name__ = action
-    decorated = docs(
-        tags=["power"],
-        summary=summary,
-        responses={200: {"description": "What happened", "schema": string_enum(*answers)},
-                   **error_responses(404, 409, 501, 503, 504)},
-    )(match_info_schema(DomainPath)(handler))
-    action_routes(action)(decorated)
+@power_docs("Start domain", "starting", "already running")
+async def start(request: web.Request) -> web.Response:
+    return web.json_response(await run_action(request, "start", domains.start))
 
 
-for _action, (_operation, _summary, _answers, _exclusive) in SIMPLE_ACTIONS.items():
-    simple_action(_action, _operation, _summary, _answers, _exclusive)
+@power_docs("Force off (destroy) domain", "forced off", "not running")
+async def destroy(request: web.Request) -> web.Response:
+    # Force off must work even while a slow action holds the domain.
+    return web.json_response(await run_action(request, "destroy", domains.destroy,
+                                              exclusive=False))
 
 
-@action_routes("shutdown")
+@power_docs("Reset domain (hard reset, like the reset button)", "reset")
+async def reset(request: web.Request) -> web.Response:
+    return web.json_response(await run_action(request, "reset", domains.reset))
+
+
+@power_docs("Pause domain", "paused", "already paused")
+async def suspend(request: web.Request) -> web.Response:
+    return web.json_response(await run_action(request, "suspend", domains.suspend))
+
+
+@power_docs("Resume paused domain", "resumed", "already running")
+async def resume(request: web.Request) -> web.Response:
+    return web.json_response(await run_action(request, "resume", domains.resume))
+
+
 @docs(
     tags=["power"],
     summary="Shutdown domain",
@@ -151,7 +150,6 @@ async def shutdown(request: web.Request) -> web.Response:
     return web.json_response("forced off" if forced == "forced off" else "shut off")
 
 
-@action_routes("reboot")
 @docs(
     tags=["power"],
     summary="Reboot domain",

@@ -1,4 +1,4 @@
-"""The application factory and the start-up/clean-up of what the app owns."""
+"""The application: every route in one table, what the app owns, its start-up and clean-up."""
 
 from __future__ import annotations
 
@@ -7,12 +7,26 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp_apigami import docs
 
-from webvirt import api_devices, api_domains, api_server, stream
+from webvirt import __version__
+from webvirt.api_devices import attach, detach, domain_devices, host_devices, list_templates, toggle
+from webvirt.api_domains import (
+    destroy,
+    get_state,
+    list_domains,
+    reboot,
+    reset,
+    resume,
+    shutdown,
+    start,
+    suspend,
+)
+from webvirt.api_events import events
 from webvirt.appkeys import EVENT_HUB, HOST, SETTINGS, TEMPLATES
 from webvirt.config import Settings
-from webvirt.events import EventHub
 from webvirt.host import Host
+from webvirt.hub import EventHub
 from webvirt.middlewares import json_errors, path_parameters
 from webvirt.openapi import setup_openapi
 from webvirt.security import Guard
@@ -49,6 +63,46 @@ async def dashboard(request: web.Request) -> web.FileResponse:
     return web.FileResponse(request.app[SETTINGS].static_dir / "index.html")
 
 
+@docs(
+    tags=["server"],
+    summary="Get API version",
+    description="The server version (semantic versioning).",
+    responses={200: {"description": "Version", "schema": {"type": "string"}}},
+)
+async def version(request: web.Request) -> web.Response:
+    return web.json_response(__version__)
+
+
+def setup_routes(app: web.Application) -> None:
+    """Every path webvirt serves. Actions take GET (Stream Deck buttons, the seed's style) and
+    POST. No HEAD routes: the OpenAPI spec would list each GET twice."""
+    router = app.router
+    router.add_get("/", dashboard, allow_head=False)
+    router.add_static("/static", app[SETTINGS].static_dir)
+    router.add_get("/api/0/version", version, allow_head=False)
+    # The seed's API, word for word.
+    router.add_get("/api/0/state/{domain}", get_state, allow_head=False)
+    for method in ("GET", "POST"):
+        router.add_route(method, "/api/0/start/{domain}", start)
+        router.add_route(method, "/api/0/shutdown/{domain}", shutdown)
+        router.add_route(method, "/api/0/attach/{domain}/{xml_name}", attach)
+        router.add_route(method, "/api/0/detach/{domain}/{xml_name}", detach)
+    # Beyond the seed.
+    router.add_get("/api/0/domains", list_domains, allow_head=False)
+    for method in ("GET", "POST"):
+        router.add_route(method, "/api/0/reboot/{domain}", reboot)
+        router.add_route(method, "/api/0/destroy/{domain}", destroy)
+        router.add_route(method, "/api/0/reset/{domain}", reset)
+        router.add_route(method, "/api/0/suspend/{domain}", suspend)
+        router.add_route(method, "/api/0/resume/{domain}", resume)
+        router.add_route(method, "/api/0/toggle/{domain}/{xml_name}", toggle)
+    router.add_get("/api/0/devices/{domain}", domain_devices, allow_head=False)
+    router.add_get("/api/0/templates", list_templates, allow_head=False)
+    router.add_get("/api/0/host/devices", host_devices, allow_head=False)
+    router.add_get("/api/0/events", events, allow_head=False)
+    setup_openapi(app)  # last: the spec is built from the routes above
+
+
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
     app = web.Application(middlewares=[json_errors, guard.middleware, path_parameters])
@@ -60,9 +114,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.extend([libvirt_connection, event_stream])
     app.on_shutdown.append(end_event_streams)
 
-    for module in (api_domains, api_devices, api_server, stream):
-        app.router.add_routes(module.routes)
-    app.router.add_get("/", dashboard, allow_head=False)
-    app.router.add_static("/static", settings.static_dir)
-    setup_openapi(app)
+    setup_routes(app)
     return app

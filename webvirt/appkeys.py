@@ -5,8 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from webvirt.config import Settings
-from webvirt.events import EventHub
 from webvirt.host import Host
+from webvirt.hub import EventHub
 from webvirt.templates import TemplateStore
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -30,7 +30,7 @@ from webvirt.errors import (
     from_libvirt,
     is_connection_error,
 )
-from webvirt.events import EventHub
+from webvirt.hub import EventHub
 from webvirt.libvirt_events import LIFECYCLE_DETAILS, LIFECYCLE_EVENTS, STATE_AFTER, register
 from webvirt.libvirt_loop import ensure_event_impl
 

@@ -12,12 +12,17 @@ from aiohttp_apigami import docs
 
 from webvirt.appkeys import EVENT_HUB, SETTINGS
 from webvirt.errors import ApiError
-from webvirt.events import EventFilter, EventHub, Subscriber
-from webvirt.messages import Outgoing, Signal
-from webvirt.subscribers import QueuedSubscriber, WebSocketSubscriber
+from webvirt.hub import (
+    EventFilter,
+    EventHub,
+    Outgoing,
+    QueuedSubscriber,
+    Signal,
+    Subscriber,
+    WebSocketSubscriber,
+)
 
 log = logging.getLogger(__name__)
-routes = web.RouteTableDef()
 
 # A private-use close code: "you fell behind and were dropped; reconnect".
 CLOSE_LAGGING = 4000
@@ -31,7 +36,6 @@ def client_left() -> web.Response:
     return web.Response(status=499, reason="Client Closed Request")
 
 
-@routes.get("/api/0/events", allow_head=False)
 @docs(
     tags=["events"],
     summary="Live event stream (WebSocket or Server-Sent Events)",

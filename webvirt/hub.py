@@ -1,20 +1,67 @@
 """The event hub: numbers every event and fans it out to clients; knows nothing of libvirt.
 
-A message is serialized once and the same object goes to every matching subscriber
-(webvirt/subscribers.py); none of them may block the hub or slow the others.
+A message is serialized once (Outgoing), and the same object goes to every matching
+subscriber. Two kinds of subscriber: a WebSocket client gets each event as one pre-built frame,
+written straight to its socket in the hub's loop turn (no per-client task or queue: what makes
+fan-out to a thousand dashboards cheap); a Server-Sent Events client is fed by its own task
+from a bounded queue, as aiohttp chunks its body. A client that falls behind is dropped alone:
+none may block the hub or slow the others.
+
+Writing frames past aiohttp's WebSocketResponse relies on this contract, tested in
+tests/test_events.py for the aiohttp versions pyproject.toml allows: aiohttp writes each of
+its own frames (pings, pongs, close) whole and synchronously to the same transport, so whole
+frames written here never interleave with them; none are written once it has sent its close
+frame (the WebSocket is then `closed`) or the transport is closing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from aiohttp import web
+
 from webvirt.errors import ApiError
-from webvirt.messages import Outgoing
+
+
+class Signal(enum.Enum):
+    END = "end"  # the server is shutting down
+    LAGGING = "lagging"  # the client fell behind and is dropped
+
+
+class Outgoing:
+    """One message as sent: serialized once, its WebSocket frame built once, on first use."""
+
+    __slots__ = ("_frame", "text")
+
+    def __init__(self, text: str):
+        self.text = text
+        self._frame: bytes | None = None
+
+    @property
+    def websocket_frame(self) -> bytes:
+        if self._frame is None:
+            self._frame = websocket_text_frame(self.text.encode())
+        return self._frame
+
+
+def websocket_text_frame(payload: bytes) -> bytes:
+    """A single unmasked, uncompressed text frame, as a server sends it (RFC 6455, 5.2)."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
+
 
 # Event types, grouped into the categories a client may filter on with ?type=.
 CATEGORIES: dict[str, frozenset[str]] = {
@@ -156,3 +203,65 @@ class EventHub:
     def end_all(self) -> None:
         for subscriber in self._subscribers:
             subscriber.end()
+
+
+# A client whose socket holds more than this much unsent data (beyond what the kernel
+# buffers) has fallen behind: what it would get next is stale, so it is dropped.
+WRITE_BUFFER_LIMIT = 256 * 1024
+QUEUE_LIMIT = 512
+
+
+class WebSocketSubscriber:
+    def __init__(self, event_filter: EventFilter, ws: web.WebSocketResponse,
+                 transport: asyncio.Transport):
+        self.filter = event_filter
+        self._ws = ws
+        self._transport = transport
+        # Resolved with END or LAGGING; the handler then closes the WebSocket.
+        self.finished: asyncio.Future[Signal] = asyncio.get_running_loop().create_future()
+
+    def offer(self, message: Outgoing) -> None:
+        # aiohttp writes every frame of its own (pings, close) whole and synchronously, so
+        # whole frames written here never interleave with them; none go after its close frame.
+        if self.finished.done() or self._ws.closed or self._transport.is_closing():
+            return
+        if self._transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+            self.finished.set_result(Signal.LAGGING)
+            return
+        self._transport.write(message.websocket_frame)
+
+    def end(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(Signal.END)
+
+
+class QueuedSubscriber:
+    """A client fed by its own task from a bounded queue (Server-Sent Events)."""
+
+    def __init__(self, event_filter: EventFilter, on_drop: Callable[[], None]):
+        self.filter = event_filter
+        self.queue: asyncio.Queue[Outgoing | Signal] = asyncio.Queue(QUEUE_LIMIT)
+        self.dropped = False
+        # Its feeding task may be stuck writing to a client that reads nothing: the handler
+        # gives it a moment to send LAGGING, then aborts the connection.
+        self._on_drop = on_drop
+
+    def offer(self, message: Outgoing) -> None:
+        if self.dropped:
+            return
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            # What is queued is stale now; the client reconnects for a fresh snapshot.
+            self.dropped = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(Signal.LAGGING)
+            self._on_drop()
+
+    def end(self) -> None:
+        if self.dropped:
+            return  # LAGGING ends it already
+        if self.queue.full():
+            self.queue.get_nowait()  # the stream ends here anyway; END must get in
+        self.queue.put_nowait(Signal.END)
