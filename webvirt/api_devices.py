@@ -43,7 +43,7 @@ def device_docs(summary: str, extra: str = "") -> Callable[[Handler], Handler]:
     """Documents /api/0/{action}/{domain}/{xml_name}."""
 
     def document(handler: Handler) -> Handler:
-        return docs(  # type: ignore[no-any-return]
+        return docs(
             tags=["devices"], summary=summary, description=TEMPLATE_DESCRIPTION + extra,
             responses={200: {"description": "Done", "schema": DeviceResult}, **DEVICE_ERRORS},
         )(match_info_schema(TemplatePath)(querystring_schema(DeviceQuery)(handler)))

@@ -75,7 +75,7 @@ def power_docs(summary: str, *answers: str) -> Callable[[Handler], Handler]:
     """Documents an action that is done when libvirt returns, answering one of `answers`."""
 
     def document(handler: Handler) -> Handler:
-        return docs(  # type: ignore[no-any-return]
+        return docs(
             tags=["power"], summary=summary,
             responses={200: {"description": "What happened", "schema": string_enum(*answers)},
                        **POWER_ERRORS},

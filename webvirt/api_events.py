@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import WSCloseCode, web
 from aiohttp_apigami import docs
@@ -97,7 +98,8 @@ async def serve_websocket(request: web.Request, event_filter: EventFilter) -> we
     async with subscribed(hub, subscriber, request.remote):
         # Reading is what notices a client that went away; clients have nothing to say.
         reader = asyncio.ensure_future(_drain_incoming(ws))
-        await asyncio.wait({reader, subscriber.finished}, return_when=asyncio.FIRST_COMPLETED)
+        waits: set[asyncio.Future[Any]] = {reader, subscriber.finished}
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         reader.cancel()
     if subscriber.finished.done():
         await _close(ws, transport, request.remote, subscriber.finished.result(), hub)

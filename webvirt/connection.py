@@ -75,7 +75,7 @@ class Connection:
         conn.registerCloseCallback(
             lambda _c, reason, _o: _call_soon(loop, retire, close_reason(reason)), None)
         try:
-            return conn.getURI()
+            return str(conn.getURI())
         except libvirt.libvirtError:
             return "?"
 

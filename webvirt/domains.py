@@ -116,7 +116,7 @@ def attach(conn: libvirt.virConnect, uuid: str, xml: str, flags: int) -> None:
 def xml_for(conn: libvirt.virConnect, uuid: str, *, live: bool) -> str:
     """The live definition, or the saved one (what a persistent-only change would edit)."""
     dom = conn.lookupByUUIDString(uuid)
-    return dom.XMLDesc(0 if live and dom.isActive() else libvirt.VIR_DOMAIN_XML_INACTIVE)
+    return str(dom.XMLDesc(0 if live and dom.isActive() else libvirt.VIR_DOMAIN_XML_INACTIVE))
 
 
 def detach(conn: libvirt.virConnect, uuid: str, xml: str, flags: int) -> None:

@@ -45,7 +45,7 @@ class ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
         self.callbacks[callback.iden] = callback
         callback.update(timeout=timeout)
         self._pending_inc()
-        return callback.iden
+        return int(callback.iden)
 
 
 class _Descriptor(libvirtaio.Descriptor):
@@ -72,6 +72,7 @@ class _Descriptors(libvirtaio.DescriptorDict):
 
 class _Timer(libvirtaio.TimeoutCallback):
     impl: ThreadSafeImpl
+    _task: asyncio.Future[None] | None
 
     def update(self, timeout: int) -> None:
         self.timeout = timeout

@@ -3,6 +3,8 @@ parameters."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 from aiohttp_apigami.constants import SCHEMAS_ATTR
 from marshmallow import EXCLUDE, Schema, ValidationError, fields
@@ -79,9 +81,10 @@ def _problems(err: ValidationError) -> str:
     return "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in messages.items())
 
 
-def parse_query(request: web.Request, schema: type[Schema]) -> dict[str, object]:
+def parse_query(request: web.Request, schema: type[Schema]) -> dict[str, Any]:
     try:
-        return schema().load(request.query)
+        loaded: dict[str, Any] = schema().load(request.query)
+        return loaded
     except ValidationError as err:
         raise ApiError(f"bad query parameter: {_problems(err)}", code="bad_parameter") from None
 

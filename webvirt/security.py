@@ -179,9 +179,9 @@ class Guard:
                                   "or ?token=TOKEN")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="webvirt"'
                 return response
-        response = await handler(request)
-        add_security_headers(request.path, response)
-        return response
+        answer = await handler(request)
+        add_security_headers(request.path, answer)
+        return answer
 
 
 def add_security_headers(path: str, response: web.StreamResponse) -> None:
