@@ -204,7 +204,13 @@ async def test_a_server_sent_events_client_that_falls_behind_is_told_and_dropped
 async def test_clients_are_closed_when_the_server_stops(make_client: ClientFactory) -> None:
     client = await make_client()
     ws = await client.ws_connect("/api/0/events")
+    sse = await client.get("/api/0/events", headers={"Accept": "text/event-stream"})
     await next_json(ws)
-    await asyncio.wait_for(client.close(), 10)
+    await asyncio.wait_for(client.server.close(), 10)  # the server, not the client, closes
     message = await ws.receive(timeout=5)
-    assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert message.type == aiohttp.WSMsgType.CLOSE
+    assert (message.data, message.extra) == (aiohttp.WSCloseCode.GOING_AWAY,
+                                             "server shutting down")
+    body = await asyncio.wait_for(sse.text(), 5)  # ended, not cut off
+    assert body.startswith("data: ") and body.endswith("\n\n")
+    await client.close()

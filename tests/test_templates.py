@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from xml.etree import ElementTree
 
+import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.libvirt_daemon import guest_xml
 from webvirt.errors import ApiError
 from webvirt.templates import DeviceTemplate, TemplateStore
 
@@ -135,9 +138,22 @@ async def test_non_utf8_value_over_http_is_400(client: TestClient) -> None:
     assert (await response.json())["code"] == "invalid_variable"
 
 
-async def test_injection_over_http_never_reaches_libvirt_unescaped(client: TestClient) -> None:
-    # The test driver refuses attach (501) only after the XML was built and parsed; a broken
-    # or injected document would have been a 422 or a different device.
-    response = await client.get(
-        "/api/0/attach/linux-dev/usb?vendor_id=1'/><evil/><x%20a='&product_id=2")
-    assert response.status == 501
+ROM_TEMPLATE = """<hostdev mode='subsystem' type='pci' managed='yes'>
+  <source><address domain='0x0000' bus='0x00' slot='0x1f' function='0x0'/></source>
+  <rom file='$ROM'/>
+</hostdev>"""
+
+
+@pytest.mark.qemu
+async def test_injection_over_http_reaches_libvirt_as_plain_text(
+        qemu_client: TestClient, qemu_conn: libvirt.virConnect, devices_dir: Path) -> None:
+    # Saved (not live) to a shut-off guest: libvirt keeps the device as it received it.
+    (devices_dir / "rom.xml").write_text(ROM_TEMPLATE)
+    dom = qemu_conn.defineXML(guest_xml("escaped"))
+    value = "/x'/><evil/><x a='&\""
+    response = await qemu_client.get("/api/0/attach/escaped/rom", params={
+        "rom": value, "live": "0", "persistent": "1"})
+    assert response.status == 200, await response.text()
+    saved = ElementTree.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    assert [rom.get("file") for rom in saved.iter("rom")] == [value]
+    assert saved.find(".//evil") is None
