@@ -17,6 +17,8 @@ from aiohttp.test_utils import TestClient
 
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 from tests.processes import free_port, spawn_webvirt, wait_until_serving
+from tests.waiting import next_message
+from webvirt.appkeys import HOST
 
 pytestmark = pytest.mark.qemu
 
@@ -25,12 +27,15 @@ def tablets(dom: libvirt.virDomain) -> int:
     return dom.XMLDesc().count("<input type='tablet' bus='usb'>")
 
 
-async def wait_until_no_tablets(dom: libvirt.virDomain) -> None:
-    for _ in range(50):  # device removal completes asynchronously in QEMU
-        if tablets(dom) == 0:
-            break
-        await asyncio.sleep(0.1)
+async def detach_and_wait(client: TestClient, dom: libvirt.virDomain, path: str) -> Any:
+    """Device removal completes asynchronously in QEMU: wait for libvirt's event."""
+    async with client.ws_connect(f"/api/0/events?domain={dom.name()}&type=device-removed") as ws:
+        await next_message(ws, lambda m: m["type"] == "snapshot")
+        response = await client.get(path)
+        assert response.status == 200, await response.text()
+        await next_message(ws, lambda m: m["type"] == "device-removed")
     assert tablets(dom) == 0
+    return await response.json()
 
 
 async def test_start_attach_detach_shutdown(qemu_client: TestClient,
@@ -50,10 +55,8 @@ async def test_start_attach_detach_shutdown(qemu_client: TestClient,
     assert body["template"] == "usb_tablet"
     assert tablets(dom) == 1
 
-    response = await qemu_client.get("/api/0/detach/gamer/usb_tablet")
-    assert response.status == 200, await response.text()
-    assert (await response.json())["device"] == "detached"
-    await wait_until_no_tablets(dom)
+    body = await detach_and_wait(qemu_client, dom, "/api/0/detach/gamer/usb_tablet")
+    assert body["device"] == "detached"
 
     # The guest has no OS, so ACPI shutdown is accepted but the guest keeps running.
     response = await qemu_client.get("/api/0/shutdown/gamer")
@@ -176,9 +179,8 @@ async def test_toggle_and_device_listing(qemu_client: TestClient,
     response = await qemu_client.get("/api/0/toggle/toggler/usb_tablet")
     assert (await response.json())["device"] == "attached"
     assert tablets(dom) == 1
-    response = await qemu_client.get("/api/0/toggle/toggler/usb_tablet")
-    assert (await response.json())["device"] == "detached"
-    await wait_until_no_tablets(dom)
+    body = await detach_and_wait(qemu_client, dom, "/api/0/toggle/toggler/usb_tablet")
+    assert body["device"] == "detached"
     # No host devices passed through; the listing is a real (empty) answer.
     response = await qemu_client.get("/api/0/devices/toggler")
     assert response.status == 200
@@ -222,30 +224,32 @@ async def test_a_frozen_daemon_gives_504_not_a_pile_up(
         make_client: Any, libvirt_daemon: LibvirtDaemon, qemu_conn: libvirt.virConnect) -> None:
     qemu_conn.defineXML(guest_xml("frozen"))
     client = await make_client(uri=libvirt_daemon.uri, call_timeout=0.5)
+    connections = client.app[HOST].connection_count
     assert (await client.get("/api/0/domains")).status == 200
 
-    libvirt_daemon.signal(signal.SIGSTOP)
-    try:
-        # /api/0/state answers from the event-fed cache; listing asks libvirt every time.
-        started = time.monotonic()
-        responses = await asyncio.gather(*(client.get("/api/0/domains") for _ in range(40)))
-        elapsed = time.monotonic() - started
-        assert {r.status for r in responses} <= {503, 504}
-        assert any(r.status == 504 for r in responses)
-        assert elapsed < 5, elapsed  # callers waiting for a slot time out too
-        # Hung calls hold their threads; no more than the pool's size are ever started.
-        assert len([t for t in threading.enumerate() if t.name.startswith("libvirt")]) <= 16
-    finally:
-        libvirt_daemon.signal(signal.SIGCONT)
-
-    # Once the daemon runs again (the keepalive may have dropped the connection meanwhile,
-    # then webvirt reconnects), requests succeed again.
-    for _ in range(150):
-        if (await client.get("/api/0/domains")).status == 200:
-            break
-        await asyncio.sleep(0.2)
-    else:
-        raise AssertionError("webvirt did not recover after the daemon was resumed")
+    async with client.ws_connect("/api/0/events?type=connection") as ws:
+        await next_message(ws, lambda m: m["type"] == "snapshot")
+        libvirt_daemon.signal(signal.SIGSTOP)
+        try:
+            # /api/0/state answers from the cache; listing asks libvirt every time.
+            started = time.monotonic()
+            responses = await asyncio.gather(*(client.get("/api/0/domains")
+                                               for _ in range(40)))
+            elapsed = time.monotonic() - started
+            assert {r.status for r in responses} <= {503, 504}
+            assert any(r.status == 504 for r in responses)
+            assert elapsed < 5, elapsed  # the first timeout retires the session: 503s at once
+            lost = await next_message(ws, lambda m: m["type"] == "connection")
+            assert lost["state"] == "lost"
+            # A hung call holds its connection's thread, and no call queues behind it: the
+            # stuck session's threads and the next session's, waiting to open, and no more.
+            assert sum(t.name.startswith("libvirt-") for t in threading.enumerate()) \
+                <= 2 * connections
+        finally:
+            libvirt_daemon.signal(signal.SIGCONT)
+        restored = await next_message(ws, lambda m: m["type"] == "connection", 30)
+        assert restored["state"] == "restored"
+    assert (await client.get("/api/0/domains")).status == 200
 
 
 def test_ctrl_c_ends_webvirt_even_while_the_daemon_is_frozen(
