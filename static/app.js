@@ -181,19 +181,31 @@ $("device-form").addEventListener("submit", async (event) => {
 
 let socket = null;
 let retryDelay = 500;
+let retryTimer = null;
 
 function connect() {
+  clearTimeout(retryTimer); // a reconnect by hand (new token) replaces a pending one
+  retryTimer = null;
   if (socket) socket.close();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const query = token ? `?token=${encodeURIComponent(token)}` : "";
   socket = new WebSocket(`${scheme}://${location.host}/api/0/events${query}`);
   const current = socket;
-  socket.addEventListener("message", (message) => handle(JSON.parse(message.data)));
+  socket.addEventListener("message", (message) => {
+    let parsed;
+    try {
+      parsed = JSON.parse(message.data);
+    } catch {
+      log("the server sent a message that is not JSON; ignored", "error");
+      return;
+    }
+    handle(parsed);
+  });
   socket.addEventListener("open", () => { retryDelay = 500; });
   socket.addEventListener("close", () => {
     if (current !== socket) return;
     setConnection("server unreachable — reconnecting…", "bad");
-    setTimeout(connect, retryDelay);
+    retryTimer = setTimeout(connect, retryDelay);
     retryDelay = Math.min(retryDelay * 2, 10000);
   });
 }

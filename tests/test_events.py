@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory
+from tests.waiting import until
 from webvirt.api_events import CLOSE_LAGGING
 from webvirt.appkeys import EVENT_HUB
 from webvirt.hub import QUEUE_LIMIT, websocket_text_frame
@@ -214,3 +216,90 @@ async def test_clients_are_closed_when_the_server_stops(make_client: ClientFacto
     body = await asyncio.wait_for(sse.text(), 5)  # ended, not cut off
     assert body.startswith("data: ") and body.endswith("\n\n")
     await client.close()
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of each whole frame; fails on a torn one (RFC 6455, 5.2)."""
+    frames = []
+    while data:
+        assert len(data) >= 2, data
+        opcode, length, at = data[0] & 0x0F, data[1] & 0x7F, 2
+        assert data[1] & 0x80 == 0  # a server never masks
+        if length == 126:
+            length, at = int.from_bytes(data[2:4]), 4
+        elif length == 127:
+            length, at = int.from_bytes(data[2:10]), 10
+        assert len(data) >= at + length, "a torn frame"
+        frames.append((opcode, data[at:at + length]))
+        data = data[at + length:]
+    return frames
+
+
+async def raw_websocket(client: TestClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /api/0/events HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
+CLOSE, PING, PONG = 0x8, 0x9, 0xA
+
+
+async def read_frames_answering_pings(reader: asyncio.StreamReader,
+                                     writer: asyncio.StreamWriter) -> list[tuple[int, bytes]]:
+    """Every frame until the server hangs up, each whole; pings answered, as a client must."""
+    frames = []
+    while header := await reader.read(2):
+        if len(header) == 1:
+            header += await reader.readexactly(1)
+        length = header[1] & 0x7F
+        if length >= 126:
+            length = int.from_bytes(await reader.readexactly(2 if length == 126 else 8))
+        payload = await reader.readexactly(length)
+        frames.append((header[0] & 0x0F, payload))
+        if header[0] & 0x0F == PING and not writer.is_closing():
+            mask = os.urandom(4)
+            writer.write(bytes([0x80 | PONG, 0x80 | len(payload)]) + mask
+                         + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    return frames
+
+
+async def test_nothing_follows_the_close_frame_at_shutdown(make_client: ClientFactory) -> None:
+    # Pings every 20 ms and events every loop turn are in flight when the server stops.
+    client = await make_client(heartbeat_s=0.02)
+    hub = client.app[EVENT_HUB]
+    reader, writer = await raw_websocket(client)
+
+    async def publish_forever() -> None:
+        while True:
+            hub.publish("reboot", domain="linux-dev", uuid="x")
+            await asyncio.sleep(0)
+
+    publisher = asyncio.ensure_future(publish_forever())
+    frames = asyncio.ensure_future(read_frames_answering_pings(reader, writer))
+    await until(lambda: hub.seq > 300, 5, "events flow")
+    await asyncio.wait_for(client.server.close(), 10)
+    received = await asyncio.wait_for(frames, 10)
+    publisher.cancel()
+    writer.close()
+    opcodes = [opcode for opcode, _ in received]
+    assert PING in opcodes
+    assert opcodes.index(CLOSE) == len(opcodes) - 1, opcodes[-5:]
+    assert int.from_bytes(received[-1][1][:2]) == 1001
+
+
+async def test_nothing_follows_the_close_frame_of_a_dropped_client(client: TestClient) -> None:
+    hub = client.app[EVENT_HUB]
+    reader, writer = await raw_websocket(client)
+    padding = "x" * 65536
+    for n in range(4000):  # the client reads nothing meanwhile
+        hub.publish("reboot", domain="linux-dev", uuid="x", n=n, padding=padding)
+        await asyncio.sleep(0)
+        if hub.client_count == 0:
+            break
+    received = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    opcodes = [opcode for opcode, _ in server_frames(received)]
+    assert opcodes.index(CLOSE) == len(opcodes) - 1, opcodes[-5:]
