@@ -111,6 +111,16 @@ class Soak:
                     return
 
 
+async def settled(pid: int, before: dict[str, int] | None) -> dict[str, int]:
+    """Usage once the clients' connections are gone on the server's side too (bounded)."""
+    deadline = time.monotonic() + 15
+    while True:
+        now = usage(pid)
+        if (before is not None and now["fds"] <= before["fds"]) or time.monotonic() > deadline:
+            return now
+        await asyncio.sleep(0.5)
+
+
 async def run(minutes: float, seed: int) -> int:
     daemon = LibvirtDaemon()
     daemon.start()
@@ -128,9 +138,9 @@ async def run(minutes: float, seed: int) -> int:
         wait_until_serving(f"{base}/api/0/version")
         soak = Soak(base, daemon, random.Random(seed))
         async with aiohttp.ClientSession() as session:
-            # Warm up, then take the baseline.
-            await soak.actions(session, time.monotonic() + 10)
-            before = usage(server.pid)
+            await soak.actions(session, time.monotonic() + 10)  # warm up
+        before = await settled(server.pid, None)
+        async with aiohttp.ClientSession() as session:
             until = time.monotonic() + minutes * 60
             await asyncio.gather(soak.actions(session, until), soak.actions(session, until),
                                  soak.clients(session, until), soak.faults(session, until))
@@ -149,8 +159,8 @@ async def run(minutes: float, seed: int) -> int:
                 truth = virsh_state(daemon.uri, name)
                 if SEED_TEXT.get(truth, truth) != cached:
                     disagreements.append(f"{name}: webvirt {cached!r}, virsh {truth!r}")
-        after = usage(server.pid)
         alive = server.poll() is None
+        after = await settled(server.pid, before)
     finally:
         server.terminate()
         server.wait(30)

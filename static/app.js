@@ -181,6 +181,7 @@ $("device-form").addEventListener("submit", async (event) => {
 
 let socket = null;
 let retryDelay = 500;
+let lastEventId = null; // resume from here after a reconnect: no event is missed
 let retryTimer = null;
 
 function connect() {
@@ -188,7 +189,10 @@ function connect() {
   retryTimer = null;
   if (socket) socket.close();
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const query = token ? `?token=${encodeURIComponent(token)}` : "";
+  const params = new URLSearchParams();
+  if (token) params.set("token", token);
+  if (lastEventId) params.set("last_event_id", lastEventId);
+  const query = params.size ? `?${params}` : "";
   socket = new WebSocket(`${scheme}://${location.host}/api/0/events${query}`);
   const current = socket;
   socket.addEventListener("message", (message) => {
@@ -199,6 +203,7 @@ function connect() {
       log("the server sent a message that is not JSON; ignored", "error");
       return;
     }
+    if (parsed.id) lastEventId = parsed.id; // "lagging" has none: resume before it
     handle(parsed);
   });
   socket.addEventListener("open", () => { retryDelay = 500; });

@@ -76,6 +76,18 @@ async def test_clicking_start_starts_the_vm(client: TestClient, page: Page) -> N
     await expect(page.locator("#log li", has_text="win11: started")).to_have_count(1)
 
 
+async def test_resumes_after_a_dropped_connection(client: TestClient, page: Page) -> None:
+    await open_dashboard(page, client)
+    assert client.server.runner is not None and client.server.runner.server is not None
+    for connection in client.server.runner.server.connections:
+        connection.force_close()
+    # While the page is away (it reconnects after half a second), win11 starts.
+    assert await (await client.get("/api/0/start/win11")).json() == "starting"
+    await expect(card(page, "win11").locator(".state")).to_have_text("running")
+    # Only a resumed stream brings the event itself; a fresh snapshot would not log it.
+    await expect(page.locator("#log li", has_text="win11: started")).to_have_count(1)
+
+
 async def test_force_off(client: TestClient, page: Page) -> None:
     await open_dashboard(page, client)
     await card(page, "linux-dev").get_by_role("button", name="Force off").click()

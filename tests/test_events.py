@@ -12,7 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory
-from tests.waiting import until
+from tests.waiting import next_sse, sse_messages, until
 from webvirt.api_events import CLOSE_LAGGING
 from webvirt.appkeys import EVENT_HUB
 from webvirt.hub import QUEUE_LIMIT, websocket_text_frame
@@ -107,11 +107,10 @@ async def test_server_sent_events(client: TestClient) -> None:
     assert response.status == 200
     assert response.headers["Content-Type"] == "text/event-stream"
 
+    assert await response.content.readline() == b"retry: 1000\n"  # once, first
+
     async def next_event() -> dict[str, Any]:
-        line = await asyncio.wait_for(response.content.readline(), 5)
-        assert line.startswith(b"data: "), line
-        assert await response.content.readline() == b"\n"
-        return json.loads(line[len(b"data: "):])
+        return await next_sse(response)
 
     assert (await next_event())["type"] == "snapshot"
     await client.get("/api/0/shutdown/linux-dev")
@@ -197,7 +196,7 @@ async def test_a_server_sent_events_client_that_falls_behind_is_told_and_dropped
     for n in range(QUEUE_LIMIT + 10):
         hub.publish("reboot", domain="linux-dev", uuid="x", n=n)
     body = await asyncio.wait_for(response.text(), 5)  # the server ends the stream
-    messages = [json.loads(line[len("data: "):]) for line in body.splitlines() if line]
+    messages = sse_messages(body)
     assert [m["type"] for m in messages] == ["snapshot", "lagging"]
     assert messages[-1]["seq"] == hub.seq
     assert hub.client_count == 0
@@ -214,7 +213,7 @@ async def test_clients_are_closed_when_the_server_stops(make_client: ClientFacto
     assert (message.data, message.extra) == (aiohttp.WSCloseCode.GOING_AWAY,
                                              "server shutting down")
     body = await asyncio.wait_for(sse.text(), 5)  # ended, not cut off
-    assert body.startswith("data: ") and body.endswith("\n\n")
+    assert body.startswith("retry: ") and body.endswith("\n\n") and sse_messages(body)
     await client.close()
 
 

@@ -28,7 +28,7 @@ from tests.conftest import ClientFactory
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 from tests.processes import free_port, spawn_webvirt, wait_until_serving
 from tests.test_qemu import tablets
-from tests.waiting import next_message, until, until_sync
+from tests.waiting import next_message, next_sse, sse_messages, until, until_sync
 from webvirt.api_events import LAST_WORD_S
 from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.domains import SEED_TEXT_BY_NAME, state_name
@@ -379,13 +379,13 @@ async def test_a_full_server_sent_events_queue_still_ends_at_shutdown(
     client = await make_client()
     hub = client.app[EVENT_HUB]
     response = await client.get("/api/0/events", headers={"Accept": "text/event-stream"})
-    assert (await response.content.readline()).startswith(b"data: ")  # the snapshot
+    assert (await next_sse(response))["type"] == "snapshot"
     # In one loop turn: the queue is full to the brim, not over it.
     for n in range(QUEUE_LIMIT):
         hub.publish("reboot", domain="linux-dev", uuid="x", n=n)
     hub.end_all()  # what shutdown does, in the same turn: the queue is still full
     body = await asyncio.wait_for(response.text(), 10)  # the stream ends: END got in
-    assert body.count("data: ") == QUEUE_LIMIT - 1  # END took the last place
+    assert len(sse_messages(body)) == QUEUE_LIMIT - 1  # END took the last place
 
 
 # 9. A client that leaves during the handshake was logged as an unhandled error (a 500).

@@ -47,3 +47,25 @@ async def next_message(ws: aiohttp.ClientWebSocketResponse,
             data = json.loads(message.data)
             if accept(data):
                 return data
+
+
+async def next_sse(response: aiohttp.ClientResponse, seconds: float = 5) -> dict[str, Any]:
+    """The next Server-Sent Events message: its JSON, checked to carry its id: line."""
+    async with asyncio.timeout(seconds):
+        while True:
+            fields: dict[str, str] = {}
+            while (line := (await response.content.readline()).decode()) not in ("\n", ""):
+                name, _, value = line.rstrip("\n").partition(": ")
+                fields[name] = value
+            if not line:
+                raise EOFError("the stream ended")
+            if "data" in fields:
+                message: dict[str, Any] = json.loads(fields["data"])
+                assert fields["id"] == message["id"]
+                return message
+
+
+def sse_messages(body: str) -> list[dict[str, Any]]:
+    """Every message in a whole Server-Sent Events body."""
+    return [json.loads(line[len("data: "):]) for line in body.splitlines()
+            if line.startswith("data: ")]

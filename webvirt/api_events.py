@@ -30,6 +30,8 @@ CLOSE_LAGGING = 4000
 # How long a client that is dropped or told the server stops may take to get its last message;
 # then its connection is aborted, whatever it still holds unsent.
 LAST_WORD_S = 2.0
+# How soon a browser's EventSource reconnects (its default is about 3 s).
+RETRY = b"retry: 1000\n\n"
 
 
 def client_left() -> web.Response:
@@ -43,14 +45,20 @@ def client_left() -> web.Response:
     description=(
         "Open a WebSocket, or send `Accept: text/event-stream` for Server-Sent Events. "
         "The first message is a snapshot of every domain, then events follow as JSON, each "
-        "with `seq` and `time`. Filters: `domain=a,b` and "
-        "`type=lifecycle,device,host,connection` (or exact event types)."
+        "with `id`, `seq` and `time`. Filters: `domain=a,b` and "
+        "`type=lifecycle,device,host,connection` (or exact event types). To resume after a "
+        "reconnect, pass the `id` of the last message seen as `last_event_id` (or, for SSE, "
+        "the `Last-Event-ID` header, which a browser's EventSource sends by itself): the "
+        "events since then follow, with no snapshot; when they cannot be had, the first "
+        "message is a snapshot with `resync: true`."
     ),
     parameters=[
         {"in": "query", "name": "domain", "schema": {"type": "string"}, "required": False,
          "description": "Comma-separated domain names"},
         {"in": "query", "name": "type", "schema": {"type": "string"}, "required": False,
          "description": "Comma-separated categories or event types"},
+        {"in": "query", "name": "last_event_id", "schema": {"type": "string"},
+         "required": False, "description": "Resume after this message id"},
     ],
     responses={
         200: {"description": "An endless text/event-stream"},
@@ -63,16 +71,39 @@ async def events(request: web.Request) -> web.StreamResponse:
     event_filter = EventFilter.from_query(request.query)
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await serve_websocket(request, event_filter)
-    if "text/event-stream" in request.headers.get("Accept", ""):
+    if accepts_event_stream(request.headers.get("Accept", "")):
         return await serve_sse(request, event_filter)
     raise ApiError("open a WebSocket, or ask for Accept: text/event-stream", status=406,
                    code="not_acceptable")
 
 
+def accepts_event_stream(accept: str) -> bool:
+    """Whether an Accept header (RFC 9110, 12.5.1) takes text/event-stream with q > 0."""
+    for item in accept.split(","):
+        media_type, *parameters = (part.strip() for part in item.split(";"))
+        if media_type.lower() != "text/event-stream":
+            continue
+        quality = 1.0
+        for parameter in parameters:
+            name, _, value = parameter.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            return True
+    return False
+
+
+def resume_from(request: web.Request) -> str | None:
+    return request.query.get("last_event_id") or request.headers.get("Last-Event-ID") or None
+
+
 @contextlib.asynccontextmanager
-async def subscribed(hub: EventHub, subscriber: Subscriber,
-                     peer: str | None) -> AsyncIterator[None]:
-    hub.subscribe(subscriber)
+async def subscribed(request: web.Request, subscriber: Subscriber) -> AsyncIterator[None]:
+    hub, peer = request.app[EVENT_HUB], request.remote
+    hub.subscribe(subscriber, resume_from(request))
     log.info("event client %s connected (%d clients)", peer, hub.client_count)
     try:
         yield
@@ -95,7 +126,7 @@ async def serve_websocket(request: web.Request, event_filter: EventFilter) -> we
         return client_left()
     hub = request.app[EVENT_HUB]
     subscriber = WebSocketSubscriber(event_filter, ws, transport)
-    async with subscribed(hub, subscriber, request.remote):
+    async with subscribed(request, subscriber):
         # Reading is what notices a client that went away; clients have nothing to say.
         reader = asyncio.ensure_future(_drain_incoming(ws))
         waits: set[asyncio.Future[Any]] = {reader, subscriber.finished}
@@ -116,7 +147,7 @@ async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport, peer: 
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
             else:
                 log.warning("event client %s fell behind; dropped", peer)
-                await ws.send_str(hub.lagging_text())
+                await ws.send_str(hub.lagging().text)
                 await ws.close(code=CLOSE_LAGGING, message=b"client fell behind")
     except (TimeoutError, ConnectionError):
         pass
@@ -147,8 +178,8 @@ async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.Stre
     loop = asyncio.get_running_loop()
     abort_later: list[asyncio.TimerHandle] = []
 
-    async def send(text: str) -> None:
-        await response.write(f"data: {text}\n\n".encode())
+    async def send(message: Outgoing) -> None:
+        await response.write(message.sse_frame)
 
     def dropped() -> None:
         log.warning("event client %s fell behind; dropped", request.remote)
@@ -156,12 +187,15 @@ async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.Stre
 
     subscriber = QueuedSubscriber(event_filter, on_drop=dropped)
     try:
-        async with subscribed(hub, subscriber, request.remote):
+        async with subscribed(request, subscriber):
             with contextlib.suppress(ConnectionError):
+                await response.write(RETRY)
+                while subscriber.missed:
+                    await send(subscriber.missed.popleft())
                 while isinstance(item := await subscriber.queue.get(), Outgoing):
-                    await send(item.text)
+                    await send(item)
                 if item is Signal.LAGGING:
-                    await send(hub.lagging_text())
+                    await send(hub.lagging())
     finally:
         # The connection may serve another request once this one ends: leave it alone.
         for handle in abort_later:

@@ -107,7 +107,7 @@ def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
     app = web.Application(middlewares=[json_errors, guard.middleware, path_parameters])
     app[SETTINGS] = settings
-    app[EVENT_HUB] = hub = EventHub()
+    app[EVENT_HUB] = hub = EventHub(settings.replay_events)
     app[HOST] = Host(settings.uri, hub, call_timeout=settings.call_timeout,
                      reconcile_s=settings.reconcile_s)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--call-timeout", metavar="SECONDS", type=float, default=30.0,
                         help="fail a request with 504 when libvirt takes longer "
                              "(default: %(default)s)")
+    parser.add_argument("--replay-buffer", metavar="EVENTS", type=int, default=1000,
+                        help="events kept for event clients that resume after a reconnect "
+                             "(default: %(default)s)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: %(default)s)")
@@ -117,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         uri=args.connect,
         devices_dir=args.devices or default_devices_dir(),
         call_timeout=args.call_timeout,
+        replay_events=max(0, args.replay_buffer),
         token=args.token,
         allowed_hosts=split_hosts(args.allow_host),
     )

@@ -29,5 +29,7 @@ class Settings:
     reconcile_s: float = 30.0
     # Seconds between heartbeat messages (and WebSocket pings) on the event stream.
     heartbeat_s: float = 15.0
+    # Events kept for clients that resume after a reconnect (by count).
+    replay_events: int = 1000
     token: str | None = None
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)

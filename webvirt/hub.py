@@ -17,8 +17,10 @@ frame (the WebSocket is then `closed`) or the transport is closing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import json
+import secrets
 import struct
 import time
 from collections.abc import Callable, Mapping
@@ -36,19 +38,30 @@ class Signal(enum.Enum):
 
 
 class Outgoing:
-    """One message as sent: serialized once, its WebSocket frame built once, on first use."""
+    """One message as sent: serialized once, each frame built once, on first use."""
 
-    __slots__ = ("_frame", "text")
+    __slots__ = ("_frame", "_sse", "id", "text")
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, message_id: str):
         self.text = text
+        self.id = message_id
         self._frame: bytes | None = None
+        self._sse: bytes | None = None
 
     @property
     def websocket_frame(self) -> bytes:
         if self._frame is None:
             self._frame = websocket_text_frame(self.text.encode())
         return self._frame
+
+    @property
+    def sse_frame(self) -> bytes:
+        """Unnamed (no event: line), so EventSource's onmessage gets it; the id: line is
+        what a browser sends back as Last-Event-ID when it reconnects."""
+        if self._sse is None:
+            id_line = f"id: {self.id}\n" if self.id else ""
+            self._sse = f"{id_line}data: {self.text}\n\n".encode()
+        return self._sse
 
 
 def websocket_text_frame(payload: bytes) -> bytes:
@@ -117,6 +130,9 @@ class Subscriber(Protocol):
     def offer(self, message: Outgoing) -> None:
         """Take a message for the client; never blocks, never raises."""
 
+    def replay(self, messages: list[Outgoing]) -> None:
+        """Take what the client missed, before any live message; never blocks."""
+
     def end(self) -> None:
         """The server is shutting down."""
 
@@ -125,11 +141,23 @@ def no_state() -> tuple[bool, list[dict[str, str]]]:
     return False, []
 
 
+@dataclass(frozen=True, slots=True)
+class Published:
+    seq: int
+    kind: str
+    domain: str | None
+    outgoing: Outgoing
+
+
 class EventHub:
-    def __init__(self) -> None:
+    def __init__(self, replay_events: int = 1000) -> None:
         self.seq = 0
+        # Message ids are "<stream>-<seq>": a new stream id each run, as seq starts again.
+        self.stream_id = secrets.token_hex(4)
         # What snapshots say: (connected, [{name, uuid, state}, ...] by name), from the host.
         self.state_source: Callable[[], tuple[bool, list[dict[str, str]]]] = no_state
+        # The latest events, for clients that resume; bounded by count.
+        self._replay: collections.deque[Published] = collections.deque(maxlen=replay_events)
         self._subscribers: set[Subscriber] = set()
         self._watchers: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[None]]] = []
 
@@ -140,8 +168,10 @@ class EventHub:
     def publish(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
         message = self._envelope(kind, **fields)
-        outgoing = Outgoing(json.dumps(message))
+        outgoing = Outgoing(json.dumps(message), message["id"])
         domain = fields.get("domain")
+        if self._replay.maxlen:
+            self._replay.append(Published(self.seq, kind, domain, outgoing))
         for subscriber in self._subscribers:
             if subscriber.filter.wants(kind, domain):
                 subscriber.offer(outgoing)
@@ -166,39 +196,68 @@ class EventHub:
                 waiting.append((predicate, future))
         self._watchers = waiting
 
-    def subscribe(self, subscriber: Subscriber) -> None:
-        subscriber.offer(Outgoing(self.snapshot_text(subscriber.filter)))
+    def subscribe(self, subscriber: Subscriber, last_event_id: str | None = None) -> None:
+        """A client resuming after `last_event_id` gets exactly the events after it, else a
+        snapshot (marked resync when the id could not be resumed). All in this loop turn,
+        so no live event falls between the two, nor comes twice."""
+        missed = self.events_after(last_event_id) if last_event_id is not None else None
+        if missed is None:
+            subscriber.offer(self.snapshot(subscriber.filter, resync=last_event_id is not None))
+        else:
+            subscriber.replay([p.outgoing for p in missed
+                               if subscriber.filter.wants(p.kind, p.domain)])
         self._subscribers.add(subscriber)
+
+    def events_after(self, last_event_id: str) -> list[Published] | None:
+        """The events after that id, or None when they are not all here any more (or the id
+        is from another run, or no id at all)."""
+        stream, _, number = last_event_id.strip().rpartition("-")
+        if stream != self.stream_id or not number.isdigit():
+            return None
+        seq = int(number)
+        oldest = self._replay[0].seq if self._replay else self.seq + 1
+        if seq > self.seq or seq < oldest - 1:
+            return None
+        return [p for p in self._replay if p.seq > seq]
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
 
-    def snapshot_text(self, event_filter: EventFilter) -> str:
+    def snapshot(self, event_filter: EventFilter, resync: bool = False) -> Outgoing:
         wanted = event_filter.domains
         connected, domains = self.state_source()
-        return json.dumps(self._envelope(
-            "snapshot", connected=connected,
-            domains=[d for d in domains if wanted is None or d["name"] in wanted]))
+        extra = {"resync": True} if resync else {}
+        return self._control("snapshot", connected=connected, **extra,
+                             domains=[d for d in domains if wanted is None or d["name"] in wanted])
 
     def broadcast_snapshot(self) -> None:
         for subscriber in self._subscribers:
-            subscriber.offer(Outgoing(self.snapshot_text(subscriber.filter)))
+            subscriber.offer(self.snapshot(subscriber.filter))
 
     def heartbeat(self) -> None:
-        beat = Outgoing(json.dumps(self._envelope("heartbeat", connected=self.state_source()[0],
-                                                  clients=len(self._subscribers))))
+        beat = self._control("heartbeat", connected=self.state_source()[0],
+                             clients=len(self._subscribers))
         for subscriber in self._subscribers:
             subscriber.offer(beat)
 
-    def lagging_text(self) -> str:
-        """The last word to a dropped client; `seq` tells it how far the stream had got."""
-        return json.dumps(self._envelope(
+    def lagging(self) -> Outgoing:
+        """The last word to a dropped client. No id: what was queued for it is thrown away,
+        so it must resume from the last message it did get, not from this one."""
+        message = self._envelope(
             "lagging", detail="client fell behind the event stream and is disconnected; "
-                              "reconnect for a fresh snapshot"))
+                              "reconnect with the id of the last message you got to resume")
+        del message["id"]
+        return Outgoing(json.dumps(message), "")
+
+    def _control(self, kind: str, **fields: Any) -> Outgoing:
+        message = self._envelope(kind, **fields)
+        return Outgoing(json.dumps(message), message["id"])
 
     def _envelope(self, kind: str, **fields: Any) -> dict[str, Any]:
-        # Every message: control messages carry the seq of the latest event.
-        return {"seq": self.seq, "time": time.time(), "type": kind, **fields}
+        # Every message; control messages carry the seq (and id) of the latest event, so
+        # resuming from one of them is resuming from that event.
+        return {"id": f"{self.stream_id}-{self.seq}", "seq": self.seq, "time": time.time(),
+                "type": kind, **fields}
 
     def end_all(self) -> None:
         for subscriber in self._subscribers:
@@ -219,16 +278,22 @@ class WebSocketSubscriber:
         self._transport = transport
         # Resolved with END or LAGGING; the handler then closes the WebSocket.
         self.finished: asyncio.Future[Signal] = asyncio.get_running_loop().create_future()
+        self._limit = WRITE_BUFFER_LIMIT
 
     def offer(self, message: Outgoing) -> None:
         # aiohttp writes every frame of its own (pings, close) whole and synchronously, so
         # whole frames written here never interleave with them; none go after its close frame.
         if self.finished.done() or self._ws.closed or self._transport.is_closing():
             return
-        if self._transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        if self._transport.get_write_buffer_size() > self._limit:
             self.finished.set_result(Signal.LAGGING)
             return
         self._transport.write(message.websocket_frame)
+
+    def replay(self, messages: list[Outgoing]) -> None:
+        frames = b"".join(m.websocket_frame for m in messages)
+        self._limit += len(frames)  # what it missed does not count as falling behind
+        self._transport.write(frames)
 
     def end(self) -> None:
         if not self.finished.done():
@@ -241,6 +306,7 @@ class QueuedSubscriber:
     def __init__(self, event_filter: EventFilter, on_drop: Callable[[], None]):
         self.filter = event_filter
         self.queue: asyncio.Queue[Outgoing | Signal] = asyncio.Queue(QUEUE_LIMIT)
+        self.missed: collections.deque[Outgoing] = collections.deque()  # sent before the queue
         self.dropped = False
         # Its feeding task may be stuck writing to a client that reads nothing: the handler
         # gives it a moment to send LAGGING, then aborts the connection.
@@ -258,6 +324,9 @@ class QueuedSubscriber:
                 self.queue.get_nowait()
             self.queue.put_nowait(Signal.LAGGING)
             self._on_drop()
+
+    def replay(self, messages: list[Outgoing]) -> None:
+        self.missed.extend(messages)  # bounded by the hub's replay buffer
 
     def end(self) -> None:
         if self.dropped:
