@@ -302,3 +302,19 @@ async def test_nothing_follows_the_close_frame_of_a_dropped_client(client: TestC
     writer.close()
     opcodes = [opcode for opcode, _ in server_frames(received)]
     assert opcodes.index(CLOSE) == len(opcodes) - 1, opcodes[-5:]
+
+
+@pytest.mark.parametrize(("accept", "sse"), [
+    ("text/event-stream", True),
+    ("Text/Event-Stream", True),
+    ("application/json, text/event-stream;q=0.5", True),
+    ("text/event-stream; q=0", False),
+    ("text/event-stream;q=0.0, */*", False),
+    ("text/event-streams", False),
+    ("application/json", False),
+])
+async def test_accept_is_negotiated_not_substring_matched(client: TestClient, accept: str,
+                                                          sse: bool) -> None:
+    response = await client.get("/api/0/events", headers={"Accept": accept})
+    assert response.status == (200 if sse else 406)
+    response.close()
