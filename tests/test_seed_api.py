@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from aiohttp.test_utils import TestClient
 
 from webvirt import __version__
 
 
-async def get_json(client: TestClient, path: str, status: int = 200) -> object:
-    response = await client.get(path)
+async def get_json(client: TestClient, path: str, status: int = 200,
+                   headers: dict[str, str] | None = None) -> Any:
+    response = await client.get(path, headers=headers)
     assert response.status == status, await response.text()
     assert response.content_type == "application/json"
     return await response.json()

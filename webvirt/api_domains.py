@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import libvirt
@@ -15,11 +16,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
-from webvirt import domains
+from webvirt import device_xml, domains
 from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.domain_cache import DomainEntry
 from webvirt.schemas import (
     DomainPath,
+    DomainStatus,
     DomainSummary,
     RebootQuery,
     ShutdownQuery,
@@ -87,6 +89,49 @@ def power_docs(summary: str, *answers: str) -> Callable[[Handler], Handler]:
 @power_docs("Start domain", "starting", "already running")
 async def start(request: web.Request) -> web.Response:
     return web.json_response(await run_action(request, "start", domains.start))
+
+
+@docs(
+    tags=["power"],
+    summary="Power button: start, shut down or resume",
+    description="One button for a Stream Deck key: starts a shut-off (or crashed) domain, asks "
+    "a running one to shut down (ACPI), resumes a paused one; answers what it did.",
+    responses={200: {"description": "What it did",
+                     "schema": string_enum("starting", "shutting down", "resumed")},
+               **POWER_ERRORS},
+)
+@match_info_schema(DomainPath)
+async def power(request: web.Request) -> web.Response:
+    return web.json_response(await run_action(request, "power", domains.power))
+
+
+@docs(
+    tags=["domains"],
+    summary="Domain status for a key or an icon",
+    description="Flat JSON: the state, booleans for running and paused, and the host devices "
+    "the domain holds (USB vendor:product or PCI address), e.g. to light a Stream Deck key "
+    "by a JSON path such as `running`.",
+    responses={200: {"description": "Status", "schema": DomainStatus},
+               **error_responses(404, 503, 504)},
+)
+@match_info_schema(DomainPath)
+async def status(request: web.Request) -> web.Response:
+    host = request.app[HOST]
+    entry = await host.resolve(request.match_info["domain"])
+    xml = await host.call(partial(domains.xml_for, uuid=entry.uuid, live=True))
+    return web.json_response({
+        "domain": entry.name,
+        "state": entry.state,
+        "running": entry.state == "running",
+        "paused": entry.state == "paused",
+        "devices": [device_label(d) for d in device_xml.hostdevs(xml)],
+    })
+
+
+def device_label(hostdev: dict[str, Any]) -> str:
+    if hostdev.get("vendor_id") and hostdev.get("product_id"):
+        return f"{hostdev['vendor_id']}:{hostdev['product_id']}"
+    return str(hostdev.get("address") or hostdev.get("type"))
 
 
 @power_docs("Force off (destroy) domain", "forced off", "not running")

@@ -15,11 +15,13 @@ from webvirt.api_domains import (
     destroy,
     get_state,
     list_domains,
+    power,
     reboot,
     reset,
     resume,
     shutdown,
     start,
+    status,
     suspend,
 )
 from webvirt.api_events import events
@@ -29,7 +31,7 @@ from webvirt.host import Host
 from webvirt.hub import EventHub
 from webvirt.middlewares import json_errors, path_parameters
 from webvirt.openapi import setup_openapi
-from webvirt.security import Guard
+from webvirt.security import Guard, reads
 from webvirt.templates import TemplateStore
 
 
@@ -79,27 +81,31 @@ def setup_routes(app: web.Application) -> None:
     router = app.router
     router.add_get("/", dashboard, allow_head=False)
     router.add_static("/static", app[SETTINGS].static_dir)
-    router.add_get("/api/0/version", version, allow_head=False)
+    # Reads (what a read token may use and an allowed other origin may fetch) are marked;
+    # every other /api/ route is an action.
+    router.add_get("/api/0/version", reads(version), allow_head=False)
     # The seed's API, word for word.
-    router.add_get("/api/0/state/{domain}", get_state, allow_head=False)
+    router.add_get("/api/0/state/{domain}", reads(get_state), allow_head=False)
     for method in ("GET", "POST"):
         router.add_route(method, "/api/0/start/{domain}", start)
         router.add_route(method, "/api/0/shutdown/{domain}", shutdown)
         router.add_route(method, "/api/0/attach/{domain}/{xml_name}", attach)
         router.add_route(method, "/api/0/detach/{domain}/{xml_name}", detach)
     # Beyond the seed.
-    router.add_get("/api/0/domains", list_domains, allow_head=False)
+    router.add_get("/api/0/domains", reads(list_domains), allow_head=False)
+    router.add_get("/api/0/status/{domain}", reads(status), allow_head=False)
     for method in ("GET", "POST"):
+        router.add_route(method, "/api/0/power/{domain}", power)
         router.add_route(method, "/api/0/reboot/{domain}", reboot)
         router.add_route(method, "/api/0/destroy/{domain}", destroy)
         router.add_route(method, "/api/0/reset/{domain}", reset)
         router.add_route(method, "/api/0/suspend/{domain}", suspend)
         router.add_route(method, "/api/0/resume/{domain}", resume)
         router.add_route(method, "/api/0/toggle/{domain}/{xml_name}", toggle)
-    router.add_get("/api/0/devices/{domain}", domain_devices, allow_head=False)
-    router.add_get("/api/0/templates", list_templates, allow_head=False)
-    router.add_get("/api/0/host/devices", host_devices, allow_head=False)
-    router.add_get("/api/0/events", events, allow_head=False)
+    router.add_get("/api/0/devices/{domain}", reads(domain_devices), allow_head=False)
+    router.add_get("/api/0/templates", reads(list_templates), allow_head=False)
+    router.add_get("/api/0/host/devices", reads(host_devices), allow_head=False)
+    router.add_get("/api/0/events", reads(events), allow_head=False)
     setup_openapi(app)  # last: the spec is built from the routes above
 
 
@@ -113,6 +119,7 @@ def create_app(settings: Settings) -> web.Application:
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
     app.cleanup_ctx.extend([libvirt_connection, event_stream])
     app.on_shutdown.append(end_event_streams)
+    app.on_response_prepare.append(guard.cors_headers)
 
     setup_routes(app)
     return app

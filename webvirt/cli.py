@@ -74,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", default=os.environ.get("WEBVIRT_TOKEN") or None,
                         help="require this token on /api/ (Authorization: Bearer TOKEN or "
                              "?token=TOKEN); default: $WEBVIRT_TOKEN, else no token")
+    parser.add_argument("--read-token", metavar="TOKEN", action="append",
+                        default=split_tokens(os.environ.get("WEBVIRT_READ_TOKEN", "")),
+                        help="a token that may read (state, lists, devices, templates, events) "
+                             "but gets 403 on every action, e.g. for an OBS overlay on another "
+                             "PC (repeatable; default: $WEBVIRT_READ_TOKEN, comma-separated); "
+                             "needs --token")
+    parser.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
+                        help="let pages from this origin (e.g. http://192.168.1.20:8080, or "
+                             "null for local files) read the API and the event stream in a "
+                             "browser (CORS); actions stay refused (repeatable)")
     parser.add_argument("--allow-host", metavar="NAME", action="append", default=[],
                         help="also accept requests whose Host header is NAME (repeatable, or "
                              "comma-separated; '*' for any). IP addresses, localhost and this "
@@ -112,8 +122,15 @@ async def serve(settings: Settings, address: str, port: int) -> None:
         await runner.cleanup()
 
 
+def split_tokens(value: str) -> list[str]:
+    return [token.strip() for token in value.split(",") if token.strip()]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.read_token and not args.token:
+        parser.error("--read-token needs --token (the full token, for actions)")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings(
@@ -123,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         replay_events=max(0, args.replay_buffer),
         token=args.token,
         allowed_hosts=split_hosts(args.allow_host),
+        read_tokens=tuple(args.read_token),
+        allowed_origins=tuple(origin.strip().rstrip("/") for origin in args.allow_origin),
     )
     if not settings.token and not is_loopback(args.address):
         log.warning("listening on %s without --token: anyone on the network can control "

@@ -32,4 +32,9 @@ class Settings:
     # Events kept for clients that resume after a reconnect (by count).
     replay_events: int = 1000
     token: str | None = None
+    # Tokens that may read (state, lists, events) but not act.
+    read_tokens: tuple[str, ...] = ()
+    # Other sites' pages (e.g. an OBS overlay hosted elsewhere) that may read the API and the
+    # event stream in a browser: exact origins, "null" only when named.
+    allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)

@@ -8,7 +8,7 @@ from typing import Any
 
 import libvirt
 
-from webvirt.errors import NotFound
+from webvirt.errors import Conflict, NotFound
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate",
@@ -98,6 +98,22 @@ def resume(dom: libvirt.virDomain) -> str:
         return "already running"
     dom.resume()
     return "resumed"
+
+
+def power(dom: libvirt.virDomain) -> str:
+    """One button: start what is off, shut down (ACPI) what runs, resume what is paused."""
+    state = dom.state()[0]
+    if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+        dom.create()
+        return "starting"
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        dom.resume()
+        return "resumed"
+    if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED):
+        dom.shutdown()
+        return "shutting down"
+    raise Conflict(f"cannot toggle the power of a domain that is {state_name(state)}",
+                   code="wrong_state")
 
 
 def device_flags(*, live: bool, persistent: bool) -> int:

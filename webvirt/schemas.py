@@ -136,6 +136,15 @@ class DomainSummary(Schema):
     persistent = fields.Bool(required=True)
 
 
+class DomainStatus(Schema):
+    domain = fields.Str(required=True)
+    state = fields.Str(required=True)
+    running = fields.Bool(required=True)
+    paused = fields.Bool(required=True)
+    devices = fields.List(fields.Str(), required=True, metadata={
+        "description": "Host devices it holds: USB vendor:product, or PCI address"})
+
+
 class HostDevice(Schema):
     type = fields.Str(required=True, metadata={"description": "usb or pci"})
     mode = fields.Str(allow_none=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import enum
 import hashlib
 import hmac
 import ipaddress
@@ -20,6 +21,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -31,6 +33,9 @@ from webvirt.middlewares import error_body
 log = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "/api/"
+# Set by reads() on the handlers of routes that change nothing: what a read token may use,
+# and what an allowed other origin may fetch. Everything else is an action.
+READS_ATTR = "webvirt_reads"
 # Where the spec lives: readable without a token so /docs can load it.
 PUBLIC_PATHS = frozenset({"/api/0/openapi.json"})
 
@@ -118,9 +123,30 @@ def is_ip_literal(name: str) -> bool:
     return True
 
 
+H = TypeVar("H")
+
+
+def reads(handler: H) -> H:
+    """Marks a route's handler as one that only reads."""
+    setattr(handler, READS_ATTR, True)
+    return handler
+
+
+def only_reads(request: web.Request) -> bool:
+    return request.method == "GET" and getattr(request.match_info.handler, READS_ATTR, False)
+
+
+class Access(enum.Enum):
+    NONE = "none"
+    READ = "read"
+    FULL = "full"
+
+
 class Guard:
     def __init__(self, settings: Settings):
         self.token = as_bytes(settings.token) if settings.token else None
+        self.read_tokens = [as_bytes(t) for t in settings.read_tokens]
+        self.allowed_origins = frozenset(settings.allowed_origins)
         self.allowed_hosts = default_allowed_hosts() | {h.lower() for h in settings.allowed_hosts}
         self.allow_any_host = "*" in settings.allowed_hosts
         self.fqdn = FqdnLookup()
@@ -136,8 +162,24 @@ class Guard:
             return True
         return name == await self.fqdn.name()
 
+    async def cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """on_response_prepare: lets an allowed origin's page read what it may read (an event
+        stream too, whose headers leave before its handler ends)."""
+        origin = self.allowed_origin(request)
+        if origin and request.path.startswith(PROTECTED_PREFIX) and (
+                only_reads(request) or request.method == "OPTIONS"):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers.add("Vary", "Origin")
+
+    def allowed_origin(self, request: web.Request) -> str | None:
+        """The request's Origin when it is one the user allowed to read, else None."""
+        origin = request.headers.get("Origin")
+        return origin if origin in self.allowed_origins else None
+
     def cross_site(self, request: web.Request) -> str | None:
         """Why a browser request comes from another site, or None."""
+        if self.allowed_origin(request) and only_reads(request):
+            return None  # an origin the user named, reading: what --allow-origin is for
         fetch_site = request.headers.get("Sec-Fetch-Site")
         if fetch_site in ("cross-site", "same-site"):
             return f"Sec-Fetch-Site: {fetch_site}"
@@ -153,14 +195,20 @@ class Guard:
             return "Origin: null (sandboxed or file page)"
         return None
 
-    def token_ok(self, request: web.Request) -> bool:
+    def access(self, request: web.Request) -> Access:
+        """What the request's token allows; every token is compared, in constant time."""
         assert self.token is not None
         given = request.query.get("token", "")
         authorization = request.headers.get("Authorization", "")
         scheme, _, credentials = authorization.partition(" ")
         if scheme.lower() == "bearer":
             given = credentials.strip()
-        return hmac.compare_digest(as_bytes(given), self.token)
+        candidate = as_bytes(given)
+        full = hmac.compare_digest(candidate, self.token)
+        read = False
+        for token in self.read_tokens:
+            read |= hmac.compare_digest(candidate, token)
+        return Access.FULL if full else Access.READ if read else Access.NONE
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -169,16 +217,22 @@ class Guard:
                           f"Host {request.headers.get('Host')!r} is not an allowed name for "
                           "this server (start webvirt with --allow-host NAME to add it)")
         if request.path.startswith(PROTECTED_PREFIX) and request.path not in PUBLIC_PATHS:
+            if request.method == "OPTIONS" and self.allowed_origin(request):
+                return preflight()
             reason = self.cross_site(request)
             if reason is not None:
                 return refuse(request, 403, "cross_site_request",
                               f"cross-site requests are refused ({reason})")
-            if self.token is not None and not self.token_ok(request):
+            access = Access.FULL if self.token is None else self.access(request)
+            if access is Access.NONE:
                 response = refuse(request, 401, "unauthorized",
                                   "a valid token is required: Authorization: Bearer TOKEN "
                                   "or ?token=TOKEN")
                 response.headers["WWW-Authenticate"] = 'Bearer realm="webvirt"'
                 return response
+            if access is Access.READ and not only_reads(request):
+                return refuse(request, 403, "read_only_token",
+                              "this token may only read; actions need the full token")
         answer = await handler(request)
         add_security_headers(request.path, answer)
         return answer
@@ -199,6 +253,15 @@ def add_security_headers(path: str, response: web.StreamResponse) -> None:
             inline_scripts=inline_script_hashes(body if isinstance(body, bytes) else b""))
     response.headers["Content-Security-Policy"] = policy
     response.headers["X-Frame-Options"] = "DENY"  # for browsers without frame-ancestors
+
+
+def preflight() -> web.Response:
+    """A browser asks before a read that sends Authorization; only reads (GET) are allowed."""
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Methods": "GET",
+        "Access-Control-Allow-Headers": "Authorization, Last-Event-ID",
+        "Access-Control-Max-Age": "600",
+    })
 
 
 def inline_script_hashes(html: bytes) -> str:
