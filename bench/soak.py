@@ -87,7 +87,11 @@ class Soak:
         while time.monotonic() + 60 < until:
             await asyncio.sleep(self.chooser.uniform(20, 40))
             async with session.ws_connect(f"{self.base}/api/0/events?type=connection") as ws:
-                await ws.receive(timeout=10)  # snapshot
+                snapshot = json.loads((await ws.receive(timeout=10)).data)
+                if not snapshot["connected"]:
+                    # Already reconnecting (a call timed out under load): let it finish first.
+                    self.count("fault waited for a reconnect")
+                    await self.connection_event(ws, "restored")
                 if self.chooser.random() < 0.5:
                     self.daemon.kill()
                     self.count("daemon killed")
@@ -168,6 +172,14 @@ async def run(minutes: float, seed: int) -> int:
     print(f"soak: {minutes:g} min, seed {seed}")
     print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(soak.counts.items())))
     print(f"  webvirt alive: {alive}" + ("" if alive else "\n" + "".join(log[-30:])))
+    reasons: dict[str, int] = {}
+    for line in log:
+        if "lost the libvirt connection (" in line:
+            reason = line.split("lost the libvirt connection (", 1)[1].split(")", 1)[0]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    print("  connection lost: " + ", ".join(f"{n} x {r}" for r, n in sorted(reasons.items())))
+    if "Traceback" in "".join(log):
+        print("  tracebacks in the log:\n" + "".join(log[-40:]))
     print(f"  states agree with virsh: {not disagreements} {disagreements or ''}")
     for key in ("rss_kib", "fds", "threads"):
         print(f"  {key}: {before[key]} -> {after[key]}")

@@ -32,6 +32,7 @@ from tests.waiting import next_message, next_sse, sse_messages, until, until_syn
 from webvirt.api_events import LAST_WORD_S
 from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.domains import SEED_TEXT_BY_NAME, state_name
+from webvirt.errors import CallTimeout
 from webvirt.host import read_domain
 from webvirt.hub import QUEUE_LIMIT
 
@@ -413,3 +414,59 @@ def test_clients_that_leave_during_the_handshake_are_no_errors() -> None:
         stop_process(server, log)
     assert "unhandled error" not in log.text
     assert "Traceback" not in log.text
+
+
+# Found in review: events doubled after a timeout, a state change lost to resuming clients,
+# an SSE client that blocks shutdown.
+
+async def test_a_timed_out_connection_does_not_double_events(make_client: ClientFactory) -> None:
+    # test:///default is one host shared by every connection in this process.
+    client = await make_client(uri="test:///default", call_timeout=1)
+    host = client.app[HOST]
+    async with client.ws_connect("/api/0/events?type=lifecycle,connection") as ws:
+        await next_message(ws, is_type("snapshot"))
+        with pytest.raises(CallTimeout):  # a call stuck past the timeout retires the session
+            await host.call(lambda _conn: time.sleep(3))
+        assert (await next_message(ws, is_type("connection")))["state"] == "lost"
+        assert (await next_message(ws, is_type("connection")))["state"] == "restored"
+        # The retired connection keeps its callbacks until its thread is free again.
+        assert (await client.get("/api/0/suspend/test")).status == 200
+        suspended = await next_message(ws, is_type("lifecycle"))
+        assert suspended["event"] == "suspended"
+        assert (await client.get("/api/0/resume/test")).status == 200
+        resumed = await next_message(ws, is_type("lifecycle"))
+        assert resumed["event"] == "resumed"  # not a second "suspended"
+
+
+@pytest.mark.qemu
+async def test_a_client_resuming_across_an_outage_learns_what_changed(
+        qemu_client: TestClient, qemu_conn: libvirt.virConnect,
+        libvirt_daemon: LibvirtDaemon) -> None:
+    qemu_conn.defineXML(guest_xml("away")).create()
+    pid = qemu_pid("away")
+    async with qemu_client.ws_connect("/api/0/events?domain=away") as ws:
+        snapshot = await next_message(ws, is_type("snapshot"))
+        assert snapshot["domains"][0]["state"] == "running"
+    libvirt_daemon.kill()
+    os.kill(pid, signal.SIGKILL)  # the guest stops while no daemon can tell
+    await until(lambda: not Path(f"/proc/{pid}").exists(), 10, "the guest is gone")
+    libvirt_daemon.start()
+    async with qemu_client.ws_connect(
+            f"/api/0/events?domain=away&last_event_id={snapshot['id']}") as ws:
+        changed = await next_message(ws, is_type("state"), 30)
+    assert (changed["domain"], changed["state"], changed["previous"]) == ("away", "shutoff",
+                                                                          "running")
+
+
+async def test_shutdown_does_not_wait_for_an_sse_client_that_reads_nothing(
+        make_client: ClientFactory) -> None:
+    client = await make_client()
+    hub = client.app[EVENT_HUB]
+    sock = await raw_request(client, SSE_HEADERS)
+    try:
+        await until(lambda: hub.client_count == 1, 5, "the client subscribed")
+        for n in range(200):  # its writer blocks; fewer than fill its queue
+            hub.publish("reboot", domain="linux-dev", uuid="x", n=n, padding="x" * 65536)
+        await asyncio.wait_for(client.server.close(), LAST_WORD_S + 5)
+    finally:
+        sock.close()

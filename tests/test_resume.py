@@ -105,7 +105,9 @@ async def test_resume_while_events_keep_coming(resumable: TestClient, kind: str)
 
 @pytest.mark.parametrize("kind", ["ws", "sse"])
 @pytest.mark.parametrize("bad", ["nonsense", "0123abcd-5", "{stream}-999999", "{stream}-x",
-                                 "{stream}"])
+                                 "{stream}", "{stream}-²", "{stream}-" + "9" * 5000],
+                         ids=["nonsense", "other-run", "future", "not-a-number", "no-seq",
+                              "superscript", "5000-digits"])
 async def test_an_unknown_id_gives_a_resync_snapshot(resumable: TestClient, kind: str,
                                                      bad: str) -> None:
     hub = resumable.app[EVENT_HUB]

@@ -129,9 +129,11 @@ async def serve_websocket(request: web.Request, event_filter: EventFilter) -> we
     async with subscribed(request, subscriber):
         # Reading is what notices a client that went away; clients have nothing to say.
         reader = asyncio.ensure_future(_drain_incoming(ws))
-        waits: set[asyncio.Future[Any]] = {reader, subscriber.finished}
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        reader.cancel()
+        try:
+            waits: set[asyncio.Future[Any]] = {reader, subscriber.finished}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            reader.cancel()
     if subscriber.finished.done():
         await _close(ws, transport, request.remote, subscriber.finished.result(), hub)
     return ws
@@ -181,11 +183,12 @@ async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.Stre
     async def send(message: Outgoing) -> None:
         await response.write(message.sse_frame)
 
-    def dropped() -> None:
-        log.warning("event client %s fell behind; dropped", request.remote)
+    def stopping(signal: Signal) -> None:
+        if signal is Signal.LAGGING:
+            log.warning("event client %s fell behind; dropped", request.remote)
         abort_later.append(loop.call_later(LAST_WORD_S, transport.abort))
 
-    subscriber = QueuedSubscriber(event_filter, on_drop=dropped)
+    subscriber = QueuedSubscriber(event_filter, on_stop=stopping)
     try:
         async with subscribed(request, subscriber):
             with contextlib.suppress(ConnectionError):

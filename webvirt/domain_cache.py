@@ -118,6 +118,8 @@ class DomainCache:
         if accept(entry.state if entry else None):
             future.set_result(None)
         else:
+            # Waiters that gave up leave here, or at the next change, whichever comes first.
+            self._waiters = [w for w in self._waiters if not w[2].done()]
             self._waiters.append((uuid, accept, future))
         return future
 

@@ -63,7 +63,7 @@ class Host:
         self._dirty: set[str] = set()  # UUIDs to re-read
         # What the event stream last said each domain's state is (by UUID), and the domains
         # whose cached state changed by a read and may need a correction.
-        self._told: dict[str, str] = {}
+        self._told: dict[str, DomainEntry] = {}
         self._unsettled: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
@@ -99,7 +99,8 @@ class Host:
             events = connections[0]
             loop = asyncio.get_running_loop()
             events.callback_ids.extend(await events.call(
-                lambda conn: register(conn, self, loop), self.call_timeout))
+                lambda conn: register(conn, self, loop, lambda: not events.retired),
+                self.call_timeout))
             await self._resync()
         except BaseException:
             for connection in connections:
@@ -108,11 +109,17 @@ class Host:
         if self._connections is not connections:  # lost again while setting up
             raise Unavailable("the connection was lost while setting up")
         self.connected = True
-        self._told = {entry.uuid: entry.state for entry in self.cache}
         if self._ever_connected:
             self.hub.publish("connection", state="restored", uri=self.connected_uri)
+            # As numbered events, so that a client resuming across the outage learns them too.
+            for uuid in sorted(set(self._told) | {entry.uuid for entry in self.cache}):
+                self._correct(uuid)
             self.hub.broadcast_snapshot()
+        else:
+            self._told = {entry.uuid: entry for entry in self.cache}
         self._ever_connected = True
+        if self._dirty:  # events that came while setting up still want their re-read
+            self._refresh(next(iter(self._dirty)))
 
     def _retired(self, connection: Connection, reason: str) -> None:
         if connection not in self._connections:
@@ -241,7 +248,10 @@ class Host:
         if event == libvirt.VIR_DOMAIN_EVENT_UNDEFINED and state == "shutoff":
             state = None  # gone for good; a running transient domain stays until it stops
         self.cache.apply_event(uuid, name, state)
-        self._told[uuid] = state or "undefined"
+        if state is None:
+            self._told.pop(uuid, None)
+        else:
+            self._told[uuid] = DomainEntry(uuid, name, state)
         self.hub.publish(
             "lifecycle", domain=name, uuid=uuid,
             event=LIFECYCLE_EVENTS.get(event, str(event)),
@@ -304,18 +314,23 @@ class Host:
 
     def _settle(self, entry: DomainEntry) -> None:
         self._unsettled.discard(entry.uuid)
-        if not self.connected:
-            return  # the snapshot after the reconnect tells clients
-        current = self.cache.by_uuid(entry.uuid)
+        if self.connected:  # else the reconnect corrects it
+            self._correct(entry.uuid)
+
+    def _correct(self, uuid: str) -> None:
+        """Publish a state event if the cache differs from what the stream last said."""
+        current = self.cache.by_uuid(uuid)
+        told = self._told.pop(uuid, None)
+        if current is not None:
+            self._told[uuid] = current
+        known = current or told
+        if known is None:
+            return  # came and went unseen
         state = current.state if current else "undefined"
-        told = self._told.get(entry.uuid, "undefined")
-        if state == told:
-            return
-        self._told[entry.uuid] = state
-        if current is None:
-            del self._told[entry.uuid]
-        self.hub.publish("state", domain=(current or entry).name, uuid=entry.uuid,
-                         state=state, previous=told)
+        previous = told.state if told else "undefined"
+        if state != previous:
+            self.hub.publish("state", domain=known.name, uuid=uuid, state=state,
+                             previous=previous)
 
 
 # Blocking helpers; each runs on a connection's thread.

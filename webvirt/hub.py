@@ -20,6 +20,7 @@ import asyncio
 import collections
 import enum
 import json
+import re
 import secrets
 import struct
 import time
@@ -141,6 +142,9 @@ def no_state() -> tuple[bool, list[dict[str, str]]]:
     return False, []
 
 
+SEQ = re.compile(r"[0-9]{1,18}")  # ASCII digits only, and an int() can take them
+
+
 @dataclass(frozen=True, slots=True)
 class Published:
     seq: int
@@ -212,7 +216,7 @@ class EventHub:
         """The events after that id, or None when they are not all here any more (or the id
         is from another run, or no id at all)."""
         stream, _, number = last_event_id.strip().rpartition("-")
-        if stream != self.stream_id or not number.isdigit():
+        if stream != self.stream_id or not SEQ.fullmatch(number):
             return None
         seq = int(number)
         oldest = self._replay[0].seq if self._replay else self.seq + 1
@@ -303,14 +307,14 @@ class WebSocketSubscriber:
 class QueuedSubscriber:
     """A client fed by its own task from a bounded queue (Server-Sent Events)."""
 
-    def __init__(self, event_filter: EventFilter, on_drop: Callable[[], None]):
+    def __init__(self, event_filter: EventFilter, on_stop: Callable[[Signal], None]):
         self.filter = event_filter
         self.queue: asyncio.Queue[Outgoing | Signal] = asyncio.Queue(QUEUE_LIMIT)
         self.missed: collections.deque[Outgoing] = collections.deque()  # sent before the queue
         self.dropped = False
-        # Its feeding task may be stuck writing to a client that reads nothing: the handler
-        # gives it a moment to send LAGGING, then aborts the connection.
-        self._on_drop = on_drop
+        # Its feeding task may be stuck writing to a client that reads nothing: told of a
+        # drop or the end, the handler gives it a moment for its last message, then aborts.
+        self._on_stop = on_stop
 
     def offer(self, message: Outgoing) -> None:
         if self.dropped:
@@ -323,7 +327,7 @@ class QueuedSubscriber:
             while not self.queue.empty():
                 self.queue.get_nowait()
             self.queue.put_nowait(Signal.LAGGING)
-            self._on_drop()
+            self._on_stop(Signal.LAGGING)
 
     def replay(self, messages: list[Outgoing]) -> None:
         self.missed.extend(messages)  # bounded by the hub's replay buffer
@@ -334,3 +338,4 @@ class QueuedSubscriber:
         if self.queue.full():
             self.queue.get_nowait()  # the stream ends here anyway; END must get in
         self.queue.put_nowait(Signal.END)
+        self._on_stop(Signal.END)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import libvirt
@@ -57,13 +58,20 @@ class EventSink(Protocol):
     def node_device(self, kind: str, device: str) -> None: ...
 
 
-def register(conn: libvirt.virConnect, sink: EventSink,
-             loop: asyncio.AbstractEventLoop) -> list[tuple[str, int]]:
-    """Blocking, on the connection's thread: the callback ids, to deregister them later."""
+def register(conn: libvirt.virConnect, sink: EventSink, loop: asyncio.AbstractEventLoop,
+             current: Callable[[], bool]) -> list[tuple[str, int]]:
+    """Blocking, on the connection's thread: the callback ids, to deregister them later.
+    Events are passed on only while current() holds (checked on the loop): a retired
+    connection keeps its callbacks until its thread is free to deregister them, and its
+    events would double those of the session that replaced it."""
+
+    def deliver(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if current():
+            fn(*args, **kwargs)
 
     def hop(fn: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            loop.call_soon_threadsafe(lambda: fn(*args, **kwargs))
+            loop.call_soon_threadsafe(deliver, fn, args, kwargs)
         except RuntimeError:  # the loop is closed; nobody listens any more
             pass
 

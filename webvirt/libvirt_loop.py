@@ -52,13 +52,26 @@ class _Descriptor(libvirtaio.Descriptor):
     impl: ThreadSafeImpl
 
     def update(self) -> None:
-        def apply() -> None:
-            # A deferred update of a descriptor already replaced (its fd closed and reused)
-            # must not touch the new one's watches.
-            if self.impl.descriptors.get(self.fd, self) is self:
-                libvirtaio.Descriptor.update(self)
+        self.impl.on_loop(self._apply)
 
-        self.impl.on_loop(apply)
+    def _apply(self) -> None:
+        # A deferred update of a descriptor already replaced (its fd closed and reused) must
+        # not touch the new one's watches.
+        if self.impl.descriptors.get(self.fd, self) is not self:
+            return
+        # A copy: worker threads add and remove this descriptor's callbacks meanwhile.
+        wanted = 0
+        for callback in list(self.callbacks.values()):
+            wanted |= callback.event or 0
+        loop = self.impl.loop
+        if wanted & libvirt.VIR_EVENT_HANDLE_READABLE:
+            loop.add_reader(self.fd, self._handle, libvirt.VIR_EVENT_HANDLE_READABLE)
+        else:
+            loop.remove_reader(self.fd)
+        if wanted & libvirt.VIR_EVENT_HANDLE_WRITABLE:
+            loop.add_writer(self.fd, self._handle, libvirt.VIR_EVENT_HANDLE_WRITABLE)
+        else:
+            loop.remove_writer(self.fd)
 
 
 class _Descriptors(libvirtaio.DescriptorDict):
