@@ -63,6 +63,11 @@ async def dashboard(request: web.Request) -> web.FileResponse:
     return web.FileResponse(request.app[SETTINGS].static_dir / "index.html")
 
 
+async def overlay(request: web.Request) -> web.FileResponse:
+    """The OBS browser-source overlay (static/overlay.html; options in its query string)."""
+    return web.FileResponse(request.app[SETTINGS].static_dir / "overlay.html")
+
+
 @docs(
     tags=["server"],
     summary="Get API version",
@@ -79,6 +84,7 @@ def setup_routes(app: web.Application) -> None:
     router = app.router
     router.add_get("/", dashboard, allow_head=False)
     router.add_static("/static", app[SETTINGS].static_dir)
+    router.add_get("/overlay", overlay, allow_head=False)
     router.add_get("/api/0/version", version, allow_head=False)
     # The seed's API, word for word.
     router.add_get("/api/0/state/{domain}", get_state, allow_head=False)

@@ -46,7 +46,10 @@ SWAGGER_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'{{inline_scripts}}; "
 # ReDoc adds <style> elements at run time and searches in a worker made from a blob.
 REDOC_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                 "img-src 'self' data:; connect-src 'self'; worker-src blob:")
-PAGE_POLICIES = {"/": DASHBOARD_POLICY, "/docs": SWAGGER_POLICY, "/redoc": REDOC_POLICY}
+# The OBS overlay: its own script and style, and the API (devices, the event stream).
+OVERLAY_POLICY = f"{_NOTHING_ELSE}; script-src 'self'; style-src 'self'; connect-src 'self'"
+PAGE_POLICIES = {"/": DASHBOARD_POLICY, "/docs": SWAGGER_POLICY, "/redoc": REDOC_POLICY,
+                 "/overlay": OVERLAY_POLICY}
 INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\ssrc=)[^>]*>(.*?)</script>", re.DOTALL)
 
 # How long requests wait, all together, for this machine's DNS name (see FqdnLookup).
