@@ -1,9 +1,12 @@
-"""The OBS overlay (/overlay), in real headless Chromium (Debian's chromium, driven by
-Playwright)."""
+"""The OBS overlay (/overlay) and the user's own overlays (--overlays DIR), in real headless
+Chromium (Debian's chromium, driven by Playwright)."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -13,8 +16,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Locator, Page, expect
 
-from tests.conftest import CHROMIUM, CHROMIUM_FLAGS, ClientFactory, blocked_by_csp
+from tests.conftest import CHROMIUM, CHROMIUM_FLAGS, DEMO_HOST_URI, ClientFactory, blocked_by_csp
 from tests.libvirt_daemon import guest_xml
+from tests.processes import REPO, free_port
 
 FULL_HD = {"width": 1920, "height": 1080}
 
@@ -238,3 +242,91 @@ async def test_devices_follow_attach_and_detach_on_real_qemu(
     response = await qemu_client.get(f"/api/0/detach/streamer/usb?{query}")
     assert response.status == 200, await response.text()
     await expect(vm(page, "streamer").locator(".device")).to_have_text(["046d:c52b"])
+
+
+# --- The user's own overlays (--overlays DIR) ----------------------------------------------
+
+USER_OVERLAY = """<!DOCTYPE html>
+<meta charset="utf-8">
+<style>body { background: transparent; color: white; }</style>
+<p id="state">…</p>
+<script>
+  const events = new EventSource("/api/0/events?domain=win11");
+  events.onmessage = (message) => {
+    const event = JSON.parse(message.data);
+    const win11 = event.type === "snapshot"
+      ? event.domains.find((d) => d.name === "win11") : event.domain === "win11" && event;
+    if (win11 && win11.state) document.getElementById("state").textContent = win11.state;
+  };
+</script>
+"""
+
+
+@pytest.fixture
+def overlays_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "overlays"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "live.html").write_text(USER_OVERLAY)
+    (folder / "x.html").write_text("<p>my overlay</p>")
+    (tmp_path / "secret.txt").write_text("not for the web")
+    (folder / "sub" / "out.txt").symlink_to(tmp_path / "secret.txt")
+    return folder
+
+
+async def raw_status(client: TestClient, target: str) -> tuple[int, bytes]:
+    """GET a path exactly as written (an HTTP client would normalize the dots away)."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                     .encode())
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+async def test_user_overlays_are_served_from_their_folder(make_client: ClientFactory,
+                                                          overlays_dir: Path) -> None:
+    client = await make_client(overlays_dir=overlays_dir)
+    response = await client.get("/overlays/x.html")
+    assert response.status == 200
+    assert await response.text() == "<p>my overlay</p>"
+    policy = response.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in policy
+    assert "script-src 'self' 'unsafe-inline'" in policy
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert (await client.get("/overlays/missing.html")).status == 404
+    assert (await client.get("/overlays/")).status == 403  # no listing
+    for target in ("/overlays/../secret.txt", "/overlays/%2e%2e/secret.txt",
+                   "/overlays/..%2fsecret.txt", "/overlays/sub/../../secret.txt",
+                   "/overlays/%2e%2e%2fsecret.txt", "/overlays/sub/out.txt",
+                   "/overlays//etc/passwd", "/overlays/..\\secret.txt"):
+        status, answer = await raw_status(client, target)
+        assert 400 <= status < 500, (target, status)
+        assert b"not for the web" not in answer and b"root:" not in answer, target
+
+
+async def test_no_user_overlays_without_the_option(client: TestClient) -> None:
+    assert (await client.get("/overlays/")).status == 404  # a folder served there: 403
+    assert (await client.get("/overlays/index.html")).status == 404
+
+
+async def test_a_user_overlay_follows_the_event_stream(make_client: ClientFactory,
+                                                       overlays_dir: Path, page: Page) -> None:
+    client = await make_client(overlays_dir=overlays_dir)
+    await page.goto(str(client.make_url("/overlays/live.html")))
+    await expect(page.locator("#state")).to_have_text("shutoff")
+    assert await (await client.get("/api/0/start/win11")).json() == "starting"
+    await expect(page.locator("#state")).to_have_text("running")
+    assert await blocked_by_csp(page) == []
+
+
+def test_a_missing_overlay_folder_is_a_one_line_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "webvirt", "--connect", DEMO_HOST_URI, "--port",
+         str(free_port()), "--overlays", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=20, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"webvirt: error: overlay folder {tmp_path / 'nope'} does not exist"]

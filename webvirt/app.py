@@ -85,6 +85,11 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/", dashboard, allow_head=False)
     router.add_static("/static", app[SETTINGS].static_dir)
     router.add_get("/overlay", overlay, allow_head=False)
+    overlays_dir = app[SETTINGS].overlays_dir
+    if overlays_dir is not None:
+        # The user's own overlay pages, from this origin so they need no CORS. No listing; a
+        # path (or a symlink) that leads out of the folder is a 404.
+        router.add_static("/overlays", overlays_dir, show_index=False, follow_symlinks=False)
     router.add_get("/api/0/version", version, allow_head=False)
     # The seed's API, word for word.
     router.add_get("/api/0/state/{domain}", get_state, allow_head=False)

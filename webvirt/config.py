@@ -33,3 +33,5 @@ class Settings:
     replay_events: int = 1000
     token: str | None = None
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    # The user's own overlay pages, served at /overlays/ (--overlays DIR); None: not served.
+    overlays_dir: Path | None = None
