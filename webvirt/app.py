@@ -65,6 +65,11 @@ async def dashboard(request: web.Request) -> web.FileResponse:
     return web.FileResponse(request.app[SETTINGS].static_dir / "index.html")
 
 
+async def overlay(request: web.Request) -> web.FileResponse:
+    """The OBS browser-source overlay (static/overlay.html; options in its query string)."""
+    return web.FileResponse(request.app[SETTINGS].static_dir / "overlay.html")
+
+
 @docs(
     tags=["server"],
     summary="Get API version",
@@ -81,6 +86,12 @@ def setup_routes(app: web.Application) -> None:
     router = app.router
     router.add_get("/", dashboard, allow_head=False)
     router.add_static("/static", app[SETTINGS].static_dir)
+    router.add_get("/overlay", overlay, allow_head=False)
+    overlays_dir = app[SETTINGS].overlays_dir
+    if overlays_dir is not None:
+        # The user's own overlay pages, from this origin so they need no CORS. No listing; a
+        # path (or a symlink) that leads out of the folder is a 404.
+        router.add_static("/overlays", overlays_dir, show_index=False, follow_symlinks=False)
     # Reads (what a read token may use and an allowed other origin may fetch) are marked;
     # every other /api/ route is an action.
     router.add_get("/api/0/version", reads(version), allow_head=False)

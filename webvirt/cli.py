@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replay-buffer", metavar="EVENTS", type=int, default=1000,
                         help="events kept for event clients that resume after a reconnect "
                              "(default: %(default)s)")
+    parser.add_argument("--overlays", metavar="DIR", type=Path, default=None,
+                        help="serve your own overlay pages (OBS browser sources) from DIR at "
+                             "/overlays/ (default: none)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: %(default)s)")
@@ -142,7 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         allowed_hosts=split_hosts(args.allow_host),
         read_tokens=tuple(args.read_token),
         allowed_origins=tuple(origin.strip().rstrip("/") for origin in args.allow_origin),
+        overlays_dir=args.overlays,
     )
+    if args.overlays is not None and not args.overlays.is_dir():
+        print(f"webvirt: error: overlay folder {args.overlays} does not exist", file=sys.stderr)
+        return 1
     if not settings.token and not is_loopback(args.address):
         log.warning("listening on %s without --token: anyone on the network can control "
                     "your VMs", args.address)

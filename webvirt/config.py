@@ -38,3 +38,5 @@ class Settings:
     # event stream in a browser: exact origins, "null" only when named.
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    # The user's own overlay pages, served at /overlays/ (--overlays DIR); None: not served.
+    overlays_dir: Path | None = None

@@ -51,7 +51,14 @@ SWAGGER_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'{{inline_scripts}}; "
 # ReDoc adds <style> elements at run time and searches in a worker made from a blob.
 REDOC_POLICY = (f"{_NOTHING_ELSE}; script-src 'self'; style-src 'self' 'unsafe-inline'; "
                 "img-src 'self' data:; connect-src 'self'; worker-src blob:")
-PAGE_POLICIES = {"/": DASHBOARD_POLICY, "/docs": SWAGGER_POLICY, "/redoc": REDOC_POLICY}
+# The OBS overlay: its own script and style, and the API (devices, the event stream).
+OVERLAY_POLICY = f"{_NOTHING_ELSE}; script-src 'self'; style-src 'self'; connect-src 'self'"
+# The user's own overlays (--overlays DIR): their inline scripts and styles may run.
+USER_OVERLAY_POLICY = (f"{_NOTHING_ELSE}; script-src 'self' 'unsafe-inline'; "
+                       "style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+                       "font-src 'self'; connect-src 'self'")
+PAGE_POLICIES = {"/": DASHBOARD_POLICY, "/docs": SWAGGER_POLICY, "/redoc": REDOC_POLICY,
+                 "/overlay": OVERLAY_POLICY}
 INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\ssrc=)[^>]*>(.*?)</script>", re.DOTALL)
 
 # How long requests wait, all together, for this machine's DNS name (see FqdnLookup).
@@ -245,6 +252,8 @@ def add_security_headers(path: str, response: web.StreamResponse) -> None:
     policy = PAGE_POLICIES.get(path)
     if policy is None and path.startswith("/static/"):
         policy = DASHBOARD_POLICY  # were a file there opened as a page, it gets the strictest
+    if policy is None and path.startswith("/overlays/"):
+        policy = USER_OVERLAY_POLICY
     if policy is None:
         return
     if "{inline_scripts}" in policy:
