@@ -1,5 +1,5 @@
-"""Makes docs/overlay.png, the README's picture of the OBS overlay: `.venv/bin/python
-docs/overlay-screenshot.py` (after scripts/install --test).
+"""Makes static/overlay-example.png, the README's picture of the OBS overlay: `.venv/bin/python
+scripts/overlay-screenshot.py` (after scripts/install --test).
 
 The demo host (libvirt's test driver) with two USB devices handed to win11 and win11 started,
 the overlay at its defaults, in Chromium, over a checkerboard that stands for "transparent".
@@ -66,6 +66,6 @@ async def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    target = REPO / "docs" / "overlay.png"
+    target = REPO / "static" / "overlay-example.png"
     asyncio.run(main(target))
     print(f"{target}: {target.stat().st_size} bytes")
