@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.processes import free_port, wait_until_serving  # noqa: E402
+from support.processes import free_port, wait_until_serving  # noqa: E402
 
 DEMO_URI = f"test://{REPO / 'demo' / 'host.xml'}"
 
@@ -163,7 +163,7 @@ async def cache_vs_rpc(uri: str, name: str, calls: int) -> tuple[float, float]:
 def qemu_rows(calls: int) -> list[Row]:
     import libvirt
 
-    from tests.libvirt_daemon import LibvirtDaemon, guest_xml
+    from support.libvirt_daemon import LibvirtDaemon, guest_xml
 
     daemon = LibvirtDaemon()
     daemon.start()
