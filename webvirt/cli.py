@@ -19,6 +19,7 @@ from webvirt.access_log import AccessLogger
 from webvirt.app import create_app
 from webvirt.config import Settings
 from webvirt.errors import ApiError
+from webvirt.log_format import SafeFormatter
 from webvirt.security import split_hosts
 
 log = logging.getLogger("webvirt")
@@ -111,8 +112,9 @@ async def serve(settings: Settings, address: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    output = logging.StreamHandler()
+    output.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[output])
     settings = Settings(
         uri=args.connect,
         devices_dir=args.devices or default_devices_dir(),

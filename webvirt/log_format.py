@@ -1,0 +1,45 @@
+"""How every log line is written: one line per record, no control characters.
+
+Log messages carry what clients send (paths, header values, parser errors quoting the raw
+request), so a client could otherwise forge log lines with CR/LF or hide text with terminal
+escapes. The Formatter is the one place every module's records pass through, so this is where
+it is handled.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# Everything a terminal or a line-splitting log reader could take for a line break or an
+# escape sequence: C0, DEL, C1 and the Unicode line and paragraph separators.
+_CONTROLS = [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _CONTROLS}
+_ESCAPES |= {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+_KEEP_NEWLINES = {**_ESCAPES, ord("\n"): "\n"}
+
+
+def escape(text: str, keep_newlines: bool = False) -> str:
+    if text.isprintable():  # nearly every line: nothing to do
+        return text
+    return text.translate(_KEEP_NEWLINES if keep_newlines else _ESCAPES)
+
+
+class SafeFormatter(logging.Formatter):
+    """The message is escaped onto one line; a traceback keeps its lines but indented, so
+    every line that starts in the first column is the start of a real record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.getMessage())
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for details in (record.exc_text, record.stack_info):
+            if details:
+                line += "\n" + self._indented(details)
+        return line
+
+    def _indented(self, text: str) -> str:
+        lines = escape(text, keep_newlines=True).splitlines()
+        return "\n".join("    " + line for line in lines)
