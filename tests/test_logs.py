@@ -1,10 +1,11 @@
-"""What clients send cannot forge log lines: a real process's stderr."""
+"""What clients send cannot forge log lines or put a token in the log: a real process's stderr."""
 
 from __future__ import annotations
 
 import re
 import socket
 import subprocess
+import urllib.request
 
 from support.processes import free_port, spawn_webvirt, wait_until_serving
 from tests.conftest import DEMO_HOST_URI
@@ -49,3 +50,41 @@ def test_control_characters_from_clients_cannot_start_a_log_line() -> None:
     assert "no domain named 'x\\r\\nFAKE LINE\\x1b[2K'" in log
     assert "Origin http://a\\x85FAKE ORIGIN is not this server" in log
     assert "Origin http://a\\u2028FAKE ORIGIN is not this server" in log
+
+
+def test_no_token_reaches_the_log_in_any_case_or_error() -> None:
+    token = "real-token-4f1c9a"
+    guesses = ["guess-upper-77", "guess-mixed-78", "guess-long-79", "guess-bearer-80"]
+    port = free_port()
+    process = spawn_webvirt(DEMO_HOST_URI, port, "--token", token)
+    try:
+        base = f"http://127.0.0.1:{port}/api/0"
+        wait_until_serving(f"{base}/version")
+        # The Guard only takes a lowercase `token`; other spellings are refused, but are
+        # somebody's secret all the same.
+        for key, value in (("TOKEN", guesses[0]), ("Token", guesses[1])):
+            assert send_raw(port, f"GET /api/0/version?{key}={value} HTTP/1.1\r\n"
+                                  "Host: 127.0.0.1\r\n\r\n".encode()) \
+                == b"HTTP/1.1 401 Unauthorized"
+        with urllib.request.urlopen(f"{base}/version?%74oken={token}", timeout=5) as answer:
+            assert answer.status == 200  # `token`, percent-encoded
+        # A request line over aiohttp's limit: its parser error quotes the start of the line
+        # in aiohttp.server's traceback.
+        for value in (token, guesses[2]):
+            line = f"GET /api/0/version?token={value}&pad={'x' * 9000} HTTP/1.1\r\n"
+            assert send_raw(port, line.encode() + b"Host: 127.0.0.1\r\n\r\n") \
+                == b"HTTP/1.0 400 Bad Request"
+        # A malformed header: the parser error quotes the header line.
+        for value in (token, guesses[3]):
+            assert send_raw(port, f"GET /api/0/version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                  f"Authorization: Bearer {value}\rX\r\n\r\n".encode()) \
+                == b"HTTP/1.0 400 Bad Request"
+        # A character the URL may not hold: the error quotes the whole request line.
+        assert send_raw(port, f"GET /api/0/version?token={token}\x00 HTTP/1.1\r\n"
+                              "Host: 127.0.0.1\r\n\r\n".encode()) == b"HTTP/1.0 400 Bad Request"
+    finally:
+        log = log_of(process)
+    for secret in (token, *guesses):
+        assert secret not in log, (secret, log)
+    assert "LineTooLong" in log and "Missing expected LF" in log  # the errors are logged
+    assert '"GET /api/0/version?TOKEN=*** HTTP/1.1" 401' in log

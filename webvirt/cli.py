@@ -113,7 +113,8 @@ async def serve(settings: Settings, address: str, port: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output = logging.StreamHandler()
-    output.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    output.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                      secrets=[args.token] if args.token else []))
     logging.basicConfig(level=args.log_level.upper(), handlers=[output])
     settings = Settings(
         uri=args.connect,
