@@ -14,12 +14,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from webvirt import __version__
+from webvirt import __version__, log_output
 from webvirt.access_log import AccessLogger
 from webvirt.app import create_app
 from webvirt.config import Settings
 from webvirt.errors import ApiError
-from webvirt.log_format import SafeFormatter
 from webvirt.security import split_hosts
 
 log = logging.getLogger("webvirt")
@@ -112,10 +111,19 @@ async def serve(settings: Settings, address: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    output = logging.StreamHandler()
-    output.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                      secrets=[args.token] if args.token else []))
-    logging.basicConfig(level=args.log_level.upper(), handlers=[output])
+    stop_logging = log_output.start(args.log_level, secrets=[args.token])
+    try:
+        error = run(args)
+    finally:
+        stop_logging()  # every queued line is written before the error line and the exit
+    if error:
+        print(f"webvirt: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> str | None:
+    """Serve until SIGINT or SIGTERM; the reason when webvirt cannot start."""
     settings = Settings(
         uri=args.connect,
         devices_dir=args.devices or default_devices_dir(),
@@ -129,12 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(serve(settings, args.address, args.port))
     except ApiError as err:
-        print(f"webvirt: error: {err.detail}", file=sys.stderr)
-        return 1
+        return err.detail
     except OSError as err:
-        print(f"webvirt: error: cannot listen on {args.address}:{args.port}: "
-              f"{err.strerror or err}", file=sys.stderr)
-        return 1
+        return f"cannot listen on {args.address}:{args.port}: {err.strerror or err}"
     except KeyboardInterrupt:
         pass
-    return 0
+    return None
