@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import socket
 import subprocess
 import sys
@@ -33,9 +34,25 @@ def wait_until_serving(url: str) -> None:
     raise AssertionError(f"{url} did not answer")
 
 
-def spawn_webvirt(uri: str, port: int, *options: str,
-                  env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
-    """webvirt as a user runs it, on 127.0.0.1:port, with its log on stderr."""
+def spawn_webvirt(uri: str, port: int, *options: str, env: Mapping[str, str] | None = None,
+                  open_files: tuple[int, int] | None = None) -> subprocess.Popen[str]:
+    """webvirt as a user runs it, on 127.0.0.1:port, with its log on stderr; `open_files`
+    sets its (soft, hard) limit on open files."""
+
+    def limit_open_files() -> None:
+        assert open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     return subprocess.Popen(
         [sys.executable, "-m", "webvirt", "--connect", uri, "--port", str(port), *options],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+        cwd=REPO, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=limit_open_files if open_files else None)
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A size from /proc/PID/status, e.g. VmRSS (resident memory) or VmHWM (its peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0])
+    raise KeyError(field)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from webvirt import __version__, log_output
+from webvirt import __version__, connection_limits, log_output
 from webvirt.access_log import AccessLogger
 from webvirt.app import create_app
 from webvirt.config import Settings
@@ -54,6 +54,13 @@ def is_loopback(address: str) -> bool:
         return address == "localhost"
 
 
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webvirt",
@@ -81,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--call-timeout", metavar="SECONDS", type=float, default=30.0,
                         help="fail a request with 504 when libvirt takes longer "
                              "(default: %(default)s)")
+    parser.add_argument("--max-connections-per-client", metavar="N", type=count,
+                        default=connection_limits.DEFAULT_PER_CLIENT,
+                        help="close further connections from an IP address that has N open "
+                             "(default: %(default)s; 0: no limit). Behind a reverse proxy, "
+                             "every client has the proxy's address")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: %(default)s)")
@@ -88,24 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(settings: Settings, address: str, port: int) -> None:
+async def serve(settings: Settings, address: str, port: int,
+                per_client: int | None) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log_class=AccessLogger)
+    runner = web.AppRunner(app, access_log_class=AccessLogger, **connection_limits.HTTP_LIMITS)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    listener = None
     try:
-        site = web.TCPSite(runner, address, port)
-        await site.start()
+        assert runner.server is not None
+        # loop.create_server rather than web.TCPSite, to count connections per client.
+        listener = await loop.create_server(
+            connection_limits.ClientGate(runner.server, per_client), address, port)
         log.info("webvirt %s serving http://%s:%d (devices: %s)", __version__, address, port,
                  settings.devices_dir.resolve())
         if not settings.devices_dir.is_dir():
             log.warning("device template folder %s does not exist", settings.devices_dir)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
     finally:
+        if listener is not None:
+            listener.close()  # no new connections; runner.cleanup() closes the open ones
         await runner.cleanup()
 
 
@@ -134,8 +152,10 @@ def run(args: argparse.Namespace) -> str | None:
     if not settings.token and not is_loopback(args.address):
         log.warning("listening on %s without --token: anyone on the network can control "
                     "your VMs", args.address)
+    connection_limits.raise_open_file_limit()
     try:
-        asyncio.run(serve(settings, args.address, args.port))
+        asyncio.run(serve(settings, args.address, args.port,
+                          args.max_connections_per_client or None))
     except ApiError as err:
         return err.detail
     except OSError as err:
