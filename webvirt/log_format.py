@@ -45,6 +45,8 @@ class SafeFormatter(logging.Formatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         # The same text as logging's default, with strftime once a second instead of per line.
+        if datefmt:
+            return super().formatTime(record, datefmt)
         second = int(record.created)
         if second != self._second:
             self._second = second
