@@ -1,5 +1,6 @@
 """Event fan-out clients: N WebSockets in one process, each timing every lifecycle event from
 the server's publish time (the libvirt callback) to its own receipt. Prints JSON lines.
+With --resume: N WebSockets that resume at once from an id and time getting what they missed.
 
 Raw sockets on epoll with minimal frame parsing, timestamped at recv(): one Python process
 playing 1000 browsers must not itself be the bottleneck it measures.
@@ -113,5 +114,47 @@ def main(url: str, clients: int, expected: int, seconds: float) -> None:
         connection.sock.close()
 
 
+def resume(url: str, clients: int, missed: int, seconds: float) -> None:
+    """Seconds until every client has connected and received the `missed` events it asks
+    for (the URL carries last_event_id); the first message must not be a snapshot."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    hostport, _, path = url.removeprefix("ws://").partition("/")
+    host, _, port = hostport.partition(":")
+    selector = selectors.EpollSelector()
+    started = time.monotonic()
+    connections = []
+    for _ in range(clients):
+        connection = Connection(host, int(port), "/" + path)
+        selector.register(connection.sock, selectors.EVENT_READ, connection)
+        connections.append(connection)
+    resynced = 0
+    deadline = started + seconds
+    while time.monotonic() < deadline and not all(c.events >= missed for c in connections):
+        for key, _mask in selector.select(timeout=0.5):
+            connection = key.data
+            try:
+                chunk = connection.sock.recv(1 << 20)
+            except BlockingIOError:
+                continue
+            connection.buffer += chunk
+            for opcode, payload in connection.frames():
+                if opcode == OPCODE_PING:
+                    connection.pong(payload)
+                elif opcode == OPCODE_TEXT and b'"type": "snapshot"' in payload:
+                    resynced += 1
+                elif opcode == OPCODE_TEXT:
+                    connection.events += 1
+    elapsed = time.monotonic() - started
+    complete = sum(1 for c in connections if c.events == missed)
+    print(json.dumps({"seconds": elapsed, "complete_clients": complete, "resynced": resynced}),
+          flush=True)
+    for connection in connections:
+        connection.sock.close()
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+    if sys.argv[1] == "--resume":
+        resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
+    else:
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))

@@ -1,45 +1,5 @@
-"""Helpers for tests (and bench/) that run webvirt as a real process."""
+"""The process helpers live in support/ (bench/ uses them too); tests may import them here."""
 
-from __future__ import annotations
+from support.processes import REPO, free_port, spawn_webvirt, wait_until_serving
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Mapping
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(url: str, process: subprocess.Popen[str] | None = None) -> None:
-    """Until the URL answers at all (any HTTP status counts); fails at once if process ends."""
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return
-        except OSError:
-            if process is not None and process.poll() is not None:
-                _, log = process.communicate()
-                raise AssertionError(
-                    f"the server exited with {process.returncode}:\n{log}") from None
-            time.sleep(0.1)
-    raise AssertionError(f"{url} did not answer")
-
-
-def spawn_webvirt(uri: str, port: int, *options: str,
-                  env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
-    """webvirt as a user runs it, on 127.0.0.1:port, with its log on stderr."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "webvirt", "--connect", uri, "--port", str(port), *options],
-        cwd=REPO, stderr=subprocess.PIPE, text=True, env=env)
+__all__ = ["REPO", "free_port", "spawn_webvirt", "wait_until_serving"]

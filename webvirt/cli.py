@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from webvirt import __version__
+from webvirt import __version__, connection_limits, log_output
 from webvirt.access_log import AccessLogger
 from webvirt.app import create_app
 from webvirt.config import Settings
@@ -52,6 +52,13 @@ def is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return address == "localhost"
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlays", metavar="DIR", type=Path, default=None,
                         help="serve your own overlay pages (OBS browser sources) from DIR at "
                              "/overlays/ (default: none)")
+    parser.add_argument("--max-connections-per-client", metavar="N", type=count,
+                        default=connection_limits.DEFAULT_PER_CLIENT,
+                        help="close further connections from an IP address that has N open "
+                             "(default: %(default)s; 0: no limit). Behind a reverse proxy, "
+                             "every client has the proxy's address")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: %(default)s)")
@@ -104,24 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def serve(settings: Settings, address: str, port: int) -> None:
+async def serve(settings: Settings, address: str, port: int,
+                per_client: int | None) -> None:
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log_class=AccessLogger)
+    runner = web.AppRunner(app, access_log_class=AccessLogger, **connection_limits.HTTP_LIMITS)
     await runner.setup()
+    loop = asyncio.get_running_loop()
+    listener = None
     try:
-        site = web.TCPSite(runner, address, port)
-        await site.start()
+        assert runner.server is not None
+        # loop.create_server rather than web.TCPSite, to count connections per client.
+        listener = await loop.create_server(
+            connection_limits.ClientGate(runner.server, per_client), address, port)
         log.info("webvirt %s serving http://%s:%d (devices: %s)", __version__, address, port,
                  settings.devices_dir.resolve())
         if not settings.devices_dir.is_dir():
             log.warning("device template folder %s does not exist", settings.devices_dir)
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("shutting down")
     finally:
+        if listener is not None:
+            listener.close()  # no new connections; runner.cleanup() closes the open ones
         await runner.cleanup()
 
 
@@ -134,8 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.read_token and not args.token:
         parser.error("--read-token needs --token (the full token, for actions)")
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop_logging = log_output.start(args.log_level, secrets=[args.token, *args.read_token])
+    try:
+        error = run(args)
+    finally:
+        stop_logging()  # every queued line is written before the error line and the exit
+    if error:
+        print(f"webvirt: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> str | None:
+    """Serve until SIGINT or SIGTERM; the reason when webvirt cannot start."""
     settings = Settings(
         uri=args.connect,
         devices_dir=args.devices or default_devices_dir(),
@@ -148,20 +177,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         overlays_dir=args.overlays,
     )
     if args.overlays is not None and not args.overlays.is_dir():
-        print(f"webvirt: error: overlay folder {args.overlays} does not exist", file=sys.stderr)
-        return 1
+        return f"overlay folder {args.overlays} does not exist"
     if not settings.token and not is_loopback(args.address):
         log.warning("listening on %s without --token: anyone on the network can control "
                     "your VMs", args.address)
+    connection_limits.raise_open_file_limit()
     try:
-        asyncio.run(serve(settings, args.address, args.port))
+        asyncio.run(serve(settings, args.address, args.port,
+                          args.max_connections_per_client or None))
     except ApiError as err:
-        print(f"webvirt: error: {err.detail}", file=sys.stderr)
-        return 1
+        return err.detail
     except OSError as err:
-        print(f"webvirt: error: cannot listen on {args.address}:{args.port}: "
-              f"{err.strerror or err}", file=sys.stderr)
-        return 1
+        return f"cannot listen on {args.address}:{args.port}: {err.strerror or err}"
     except KeyboardInterrupt:
         pass
-    return 0
+    return None
