@@ -168,6 +168,46 @@ def fanout_rows(clients: int, changes: int) -> list[Row]:
     ]
 
 
+async def last_event(port: int) -> tuple[str, int]:
+    """The id and seq of the latest event, from a new client's snapshot."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(f"ws://127.0.0.1:{port}/api/0/events") as ws:
+        snapshot = json.loads((await ws.receive(timeout=10)).data)
+    return snapshot["id"], snapshot["seq"]
+
+
+def resume_rows(clients: int, burst: int) -> list[Row]:
+    """Clients that were away during a burst of events all come back at once and resume."""
+    port = free_port()
+    server = start_webvirt(port, "--replay-buffer", str(2 * burst),
+                           "--max-connections-per-client", "0")
+    try:
+        before, first_seq = asyncio.run(last_event(port))
+        for _ in range(burst // 2):  # each pair: a started and a stopped event
+            for action in ("start", "destroy"):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/0/{action}/win11").close()
+        missed = 0
+        while missed < burst:  # the last events may still be on their way to the hub
+            missed = asyncio.run(last_event(port))[1] - first_seq
+        fleet = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "fanout_clients.py"), "--resume",
+             f"ws://127.0.0.1:{port}/api/0/events?last_event_id={before}", str(clients),
+             str(missed), "120"], stdout=subprocess.PIPE, text=True, check=True)
+        result = json.loads(fleet.stdout)
+    finally:
+        server.terminate()
+        server.wait()
+    complete, seconds = result["complete_clients"], result["seconds"]
+    return [
+        Row(f"resume: {clients} clients at once, each {missed} missed events",
+            f"{seconds:.2f} s ({clients * missed / seconds:,.0f} events/s)"),
+        Row("resumed clients that got exactly what they missed", f"{complete}/{clients}",
+            "all, no resync", complete == clients and result["resynced"] == 0),
+    ]
+
+
 async def cache_vs_rpc(uri: str, name: str, calls: int) -> tuple[float, float]:
     """Seconds per state lookup: a libvirt RPC on a connection's thread vs the cache."""
     from webvirt.host import Host, read_domain
@@ -229,8 +269,9 @@ def main() -> int:
     if not shutil.which("wrk"):
         print("bench: wrk not found (apt-get install wrk)", file=sys.stderr)
         return 2
-    seconds, clients, changes, calls = (1, 50, 4, 50) if args.quick else (10, 1000, 20, 2000)
-    rows = http_rows(seconds) + fanout_rows(clients, changes)
+    seconds, clients, changes, calls, burst = ((1, 50, 4, 50, 100) if args.quick
+                                               else (10, 1000, 20, 2000, 1000))
+    rows = http_rows(seconds) + fanout_rows(clients, changes) + resume_rows(clients, burst)
     if not args.no_qemu:
         rows += qemu_rows(calls)
     print_table(rows)

@@ -318,3 +318,14 @@ async def test_accept_is_negotiated_not_substring_matched(client: TestClient, ac
     response = await client.get("/api/0/events", headers={"Accept": accept})
     assert response.status == (200 if sse else 406)
     response.close()
+
+
+async def test_a_toggle_that_fails_before_deciding_publishes_nothing(client: TestClient) -> None:
+    async with client.ws_connect("/api/0/events?type=device") as ws:
+        await next_json(ws)  # snapshot
+        response = await client.get("/api/0/toggle/no-such-vm/usb_tablet")
+        assert response.status == 404
+        # An attach that was really tried (the test driver refuses it) is the next event.
+        assert (await client.get("/api/0/attach/win11/usb_tablet")).status == 501
+        event = await next_json(ws)
+        assert (event["type"], event["domain"], event["result"]) == ("attach", "win11", "error")
