@@ -29,7 +29,7 @@ from webvirt.appkeys import EVENT_HUB, HOST, SETTINGS, TEMPLATES
 from webvirt.config import Settings
 from webvirt.host import Host
 from webvirt.hub import EventHub
-from webvirt.middlewares import json_errors, path_parameters
+from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
 from webvirt.security import Guard, reads
 from webvirt.templates import TemplateStore
@@ -122,7 +122,7 @@ def setup_routes(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
-    app = web.Application(middlewares=[json_errors, guard.middleware, path_parameters])
+    app = web.Application(middlewares=[json_errors, guard.middleware])
     app[SETTINGS] = settings
     app[EVENT_HUB] = hub = EventHub(settings.replay_events)
     app[HOST] = Host(settings.uri, hub, call_timeout=settings.call_timeout,

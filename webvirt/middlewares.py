@@ -8,7 +8,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from webvirt.errors import ApiError
-from webvirt.schemas import check_path
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +36,3 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         # A bug, not bad input: say so in the log with the traceback, and in JSON to the client.
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_body(500, "internal_error", "internal server error; see the server log")
-
-
-@web.middleware
-async def path_parameters(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Handlers (and libvirt) only see path parameters that their documented schema allows."""
-    check_path(request)
-    return await handler(request)

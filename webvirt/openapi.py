@@ -70,7 +70,7 @@ def _finish_spec(spec: dict[str, Any], settings: Settings) -> None:
 
 def _add_common_errors(path: str, operation: dict[str, Any], *, token: bool) -> None:
     """Errors any operation can answer, before its handler runs: the guard (security.py) and the
-    path parameter check (middlewares.path_parameters)."""
+    path parameter check (schemas.check_path, from the Guard)."""
 
     def error(description: str) -> dict[str, Any]:
         schema = {"$ref": "#/components/schemas/Error"}

@@ -29,6 +29,7 @@ from aiohttp.typedefs import Handler
 
 from webvirt.config import Settings
 from webvirt.middlewares import error_body
+from webvirt.schemas import check_path
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ PAGE_POLICIES = {"/": DASHBOARD_POLICY, "/docs": SWAGGER_POLICY, "/redoc": REDOC
                  "/overlay": OVERLAY_POLICY}
 INLINE_SCRIPT = re.compile(rb"<script(?![^>]*\ssrc=)[^>]*>(.*?)</script>", re.DOTALL)
 
+# Host headers already found allowed, remembered up to this many.
+HOSTS_SEEN_LIMIT = 256
 # How long requests wait, all together, for this machine's DNS name (see FqdnLookup).
 FQDN_TIMEOUT_S = 2.0
 
@@ -154,20 +157,23 @@ class Guard:
         self.token = as_bytes(settings.token) if settings.token else None
         self.read_tokens = [as_bytes(t) for t in settings.read_tokens]
         self.allowed_origins = frozenset(settings.allowed_origins)
+        self._hosts_seen: set[str] = set()
         self.allowed_hosts = default_allowed_hosts() | {h.lower() for h in settings.allowed_hosts}
         self.allow_any_host = "*" in settings.allowed_hosts
         self.fqdn = FqdnLookup()
 
     async def host_allowed(self, host_header: str | None) -> bool:
-        if self.allow_any_host:
+        if self.allow_any_host or host_header in self._hosts_seen:
             return True
         if not host_header:
             return False
         name = host_name(host_header)
         # Rebinding needs a name the attacker controls; an IP literal cannot be rebound.
-        if is_ip_literal(name) or name in self.allowed_hosts:
-            return True
-        return name == await self.fqdn.name()
+        allowed = (is_ip_literal(name) or name in self.allowed_hosts
+                   or name == await self.fqdn.name())
+        if allowed and len(self._hosts_seen) < HOSTS_SEEN_LIMIT:
+            self._hosts_seen.add(host_header)  # parsing an address on every request is costly
+        return allowed
 
     async def cors_headers(self, request: web.Request, response: web.StreamResponse) -> None:
         """on_response_prepare: lets an allowed origin's page read what it may read (an event
@@ -240,6 +246,8 @@ class Guard:
             if access is Access.READ and not only_reads(request):
                 return refuse(request, 403, "read_only_token",
                               "this token may only read; actions need the full token")
+        # Handlers (and libvirt) only see path parameters that their documented schema allows.
+        check_path(request)
         answer = await handler(request)
         add_security_headers(request.path, answer)
         return answer
