@@ -34,6 +34,15 @@ LAST_WORD_S = 2.0
 RETRY = b"retry: 1000\n\n"
 
 
+async def begin(request: web.Request, response: web.StreamResponse) -> asyncio.Transport | None:
+    """Sends the stream's headers (or the WebSocket handshake); None if the client left."""
+    try:
+        await response.prepare(request)
+    except ConnectionError:
+        return None
+    return request.transport
+
+
 def client_left() -> web.Response:
     """For a client gone before its stream began: aiohttp only logs it (nginx's 499)."""
     return web.Response(status=499, reason="Client Closed Request")
@@ -117,11 +126,7 @@ async def serve_websocket(request: web.Request, event_filter: EventFilter) -> we
     # No permessage-deflate: messages are small, and the subscriber writes each event as one
     # frame built once for all clients.
     ws = web.WebSocketResponse(heartbeat=heartbeat, compress=False)
-    try:
-        await ws.prepare(request)
-    except ConnectionError:
-        return client_left()
-    transport = request.transport
+    transport = await begin(request, ws)
     if transport is None:
         return client_left()
     hub = request.app[EVENT_HUB]
@@ -169,11 +174,7 @@ async def serve_sse(request: web.Request, event_filter: EventFilter) -> web.Stre
         "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no",  # proxies must not hold events back
     })
-    try:
-        await response.prepare(request)
-    except ConnectionError:
-        return client_left()
-    transport = request.transport
+    transport = await begin(request, response)
     if transport is None:
         return client_left()
     hub = request.app[EVENT_HUB]

@@ -354,18 +354,23 @@ def read_domain(conn: libvirt.virConnect, ref: str) -> tuple[str, str, str]:
     return dom.UUIDString(), dom.name(), domains.state_name(dom.state()[0])
 
 
+def read(dom: libvirt.virDomain | None, uuid: str) -> Read:
+    if dom is None:
+        return Read(uuid, "", None)
+    state = dom.state()[0]
+    if state == libvirt.VIR_DOMAIN_SHUTOFF and not dom.isPersistent():
+        # A transient domain that stopped is gone; libvirt may still list it for a moment
+        # after its stopped event, and sends no event when it drops it.
+        return Read(uuid, dom.name(), None)
+    return Read(uuid, dom.name(), domains.state_name(state))
+
+
 def read_states(conn: libvirt.virConnect, uuids: list[str]) -> list[Read]:
-    reads = []
-    for uuid in uuids:
-        dom = _by_uuid(conn, uuid)
-        reads.append(Read(uuid, "", None) if dom is None
-                     else Read(uuid, dom.name(), domains.state_name(dom.state()[0])))
-    return reads
+    return [read(_by_uuid(conn, uuid), uuid) for uuid in uuids]
 
 
 def read_all(conn: libvirt.virConnect) -> list[Read]:
-    return [Read(d.UUIDString(), d.name(), domains.state_name(d.state()[0]))
-            for d in conn.listAllDomains()]
+    return [read(d, d.UUIDString()) for d in conn.listAllDomains()]
 
 
 def act_then_read(conn: libvirt.virConnect, operation: Callable[[libvirt.virDomain], str],
@@ -374,6 +379,4 @@ def act_then_read(conn: libvirt.virConnect, operation: Callable[[libvirt.virDoma
     if dom is None:
         raise NotFound(f"no domain with UUID {uuid}", code="domain_not_found")
     result = operation(dom)
-    after = _by_uuid(conn, uuid)  # a transient domain is gone once it stops
-    return result, (Read(uuid, "", None) if after is None
-                    else Read(uuid, after.name(), domains.state_name(after.state()[0])))
+    return result, read(_by_uuid(conn, uuid), uuid)  # a transient domain is gone once stopped
