@@ -36,6 +36,19 @@ ACTIONS = ("start", "destroy", "suspend", "resume", "reset", "shutdown", "reboot
 SEED_TEXT = {"running": "running", "paused": "paused by user", "shut off": "shut off"}
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """What the open files are: sockets, eventfds, pipes, files."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = target.split(":")[0] if ":" in target else "file"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
 def usage(pid: int) -> dict[str, int]:
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
                   .splitlines() if ":" in line)
@@ -165,6 +178,7 @@ async def run(minutes: float, seed: int) -> int:
                     disagreements.append(f"{name}: webvirt {cached!r}, virsh {truth!r}")
         alive = server.poll() is None
         after = await settled(server.pid, before)
+        after_kinds = fd_kinds(server.pid) if alive else {}
     finally:
         server.terminate()
         server.wait(30)
@@ -183,6 +197,7 @@ async def run(minutes: float, seed: int) -> int:
     print(f"  states agree with virsh: {not disagreements} {disagreements or ''}")
     for key in ("rss_kib", "fds", "threads"):
         print(f"  {key}: {before[key]} -> {after[key]}")
+    print(f"  open files at the end: {after_kinds}")
     flat = (after["fds"] <= before["fds"] + 2 and after["threads"] <= before["threads"]
             and after["rss_kib"] < before["rss_kib"] * 1.25 + 4096)
     print(f"  resources flat: {flat}")

@@ -98,9 +98,9 @@ class Host:
             self.connected_uri = uris[0]
             events = connections[0]
             loop = asyncio.get_running_loop()
-            events.callback_ids.extend(await events.call(
-                lambda conn: register(conn, self, loop, lambda: not events.retired),
-                self.call_timeout))
+            await events.call(lambda conn: register(
+                conn, self, loop, lambda: not events.retired, events.callback_ids),
+                self.call_timeout)
             await self._resync()
         except BaseException:
             for connection in connections:
@@ -149,6 +149,9 @@ class Host:
                 continue
             log.info("reconnected to libvirt at %s after %d attempt(s)", self.connected_uri,
                      attempt)
+            # The lost session's libvirt objects may sit in reference cycles (a traceback
+            # keeps a call's frame); free them, and their eventfds, now, not at some later GC.
+            gc.collect()
             return
 
     async def close(self) -> None:

@@ -59,8 +59,10 @@ class EventSink(Protocol):
 
 
 def register(conn: libvirt.virConnect, sink: EventSink, loop: asyncio.AbstractEventLoop,
-             current: Callable[[], bool]) -> list[tuple[str, int]]:
-    """Blocking, on the connection's thread: the callback ids, to deregister them later.
+             current: Callable[[], bool], ids: list[tuple[str, int]]) -> None:
+    """Blocking, on the connection's thread. Each callback's id goes into `ids` as soon as it
+    is registered, so that the connection can deregister them all before it closes, also
+    when registering fails halfway (a callback left behind keeps the connection alive).
     Events are passed on only while current() holds (checked on the loop): a retired
     connection keeps its callbacks until its thread is free to deregister them, and its
     events would double those of the session that replaced it."""
@@ -97,7 +99,6 @@ def register(conn: libvirt.virConnect, sink: EventSink, loop: asyncio.AbstractEv
         libvirt.VIR_DOMAIN_EVENT_ID_REBOOT: on_reboot,
         **{event_id: on_device(kind) for event_id, kind in DEVICE_EVENTS.items()},
     }
-    ids: list[tuple[str, int]] = []
     for event_id, callback in callbacks.items():
         try:
             ids.append(("domain", conn.domainEventRegisterAny(None, event_id, callback, None)))
@@ -108,4 +109,3 @@ def register(conn: libvirt.virConnect, sink: EventSink, loop: asyncio.AbstractEv
             None, libvirt.VIR_NODE_DEVICE_EVENT_ID_LIFECYCLE, on_node_device, None)))
     except libvirt.libvirtError as err:
         log.info("host device events unavailable: %s", err.get_error_message())
-    return ids
