@@ -28,7 +28,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from support.processes import free_port, wait_until_serving  # noqa: E402
+from support.processes import free_port, status_number, wait_until_serving  # noqa: E402
 
 DEMO_URI = f"test://{REPO / 'demo' / 'host.xml'}"
 
@@ -59,9 +59,7 @@ def start_webvirt(port: int, *options: str, uri: str = DEMO_URI,
 
 def rss_mib(pid: int) -> tuple[float, float]:
     """Current and peak resident memory of a process."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if ":" in line)
-    return (int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024)
+    return status_number(pid, "VmRSS") / 1024, status_number(pid, "VmHWM") / 1024
 
 
 def wrk(url: str, seconds: float, connections: int = 50) -> tuple[float, float, float, int]:

@@ -28,8 +28,13 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.libvirt_daemon import LibvirtDaemon, guest_xml  # noqa: E402
-from tests.processes import free_port, spawn_webvirt, wait_until_serving  # noqa: E402
+from support.libvirt_daemon import LibvirtDaemon, guest_xml  # noqa: E402
+from support.processes import (  # noqa: E402
+    free_port,
+    spawn_webvirt,
+    status_number,
+    wait_until_serving,
+)
 
 GUESTS = ("soak-a", "soak-b", "soak-c")
 ACTIONS = ("start", "destroy", "suspend", "resume", "reset", "shutdown", "reboot")
@@ -50,9 +55,7 @@ def fd_kinds(pid: int) -> dict[str, int]:
 
 
 def usage(pid: int) -> dict[str, int]:
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text()
-                  .splitlines() if ":" in line)
-    return {"rss_kib": int(status["VmRSS"].split()[0]), "threads": int(status["Threads"]),
+    return {"rss_kib": status_number(pid, "VmRSS"), "threads": status_number(pid, "Threads"),
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 

@@ -53,8 +53,9 @@ def spawn_webvirt(uri: str, port: int, *options: str, env: Mapping[str, str] | N
         preexec_fn=limit_open_files if open_files else None)
 
 
-def status_kib(pid: int, field: str) -> int:
-    """A size from /proc/PID/status, e.g. VmRSS (resident memory) or VmHWM (its peak)."""
+def status_number(pid: int, field: str) -> int:
+    """A number from /proc/PID/status: a size in KiB (VmRSS, resident memory; VmHWM, its
+    peak) or a count (Threads)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         name, _, value = line.partition(":")
         if name == field:

@@ -62,6 +62,18 @@ async def blocked_by_csp(page: Page) -> list[str]:
     return [v for v in violations if not v.split(" ", 1)[1].startswith("https://")]
 
 
+def open_connections(client: TestClient) -> list[Any]:
+    """The test server's open connections (aiohttp's request handlers)."""
+    assert client.server.runner is not None and client.server.runner.server is not None
+    return client.server.runner.server.connections
+
+
+def drop_all_connections(client: TestClient) -> None:
+    """The server hangs up on every client, as after a network blip."""
+    for connection in open_connections(client):
+        connection.force_close()
+
+
 @pytest.fixture
 def devices_dir(tmp_path: Path) -> Path:
     """A copy of the shipped templates, so a test may add hostile ones."""

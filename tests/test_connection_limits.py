@@ -16,8 +16,9 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from support.processes import free_port, spawn_webvirt, status_kib, wait_until_serving
+from support.processes import free_port, spawn_webvirt, status_number, wait_until_serving
 from tests.conftest import DEMO_HOST_URI
+from tests.waiting import until_sync
 
 REQUEST_START = b"GET /api/0/version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 HEADER_8K = b"X-Fill: " + b"x" * 8000 + b"\r\n"
@@ -110,7 +111,7 @@ def test_unfinished_huge_headers_do_not_take_the_memory() -> None:
     process = spawn_webvirt(DEMO_HOST_URI, port)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
-        before = status_kib(process.pid, "VmRSS")
+        before = status_number(process.pid, "VmRSS")
         # The most one client may hold: an unfinished head just under the limit (64 KiB) on
         # as many connections as it may open.
         with connections(port, ["127.0.0.9"] * 100) as full:
@@ -121,11 +122,9 @@ def test_unfinished_huge_headers_do_not_take_the_memory() -> None:
             with connections(port, sources) as huge:
                 for sock in huge:
                     send(sock, REQUEST_START + HEADER_8K * 128)
-                deadline = time.monotonic() + 10
-                while unread_bytes(port) and time.monotonic() < deadline:
-                    time.sleep(0.05)  # polls a condition (bounded), not a fixed wait
-                assert unread_bytes(port) == 0  # webvirt has read all it was sent
-                grown_mib = (status_kib(process.pid, "VmHWM") - before) / 1024
+                until_sync(lambda: unread_bytes(port) == 0, 10,
+                           "webvirt has read all it was sent")
+                grown_mib = (status_number(process.pid, "VmHWM") - before) / 1024
                 assert grown_mib < 50, f"{grown_mib:.0f} MiB"
                 # 1 MB of headers is over the limit: each was closed.
                 assert wait_until_closed(huge, len(huge), seconds=5) == len(huge)

@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Locator, Page, expect
 
-from tests.conftest import ClientFactory, blocked_by_csp
+from tests.conftest import ClientFactory, blocked_by_csp, drop_all_connections
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 
 
@@ -78,9 +78,7 @@ async def test_clicking_start_starts_the_vm(client: TestClient, page: Page) -> N
 
 async def test_resumes_after_a_dropped_connection(client: TestClient, page: Page) -> None:
     await open_dashboard(page, client)
-    assert client.server.runner is not None and client.server.runner.server is not None
-    for connection in client.server.runner.server.connections:
-        connection.force_close()
+    drop_all_connections(client)
     # While the page is away (it reconnects after half a second), win11 starts.
     assert await (await client.get("/api/0/start/win11")).json() == "starting"
     await expect(card(page, "win11").locator(".state")).to_have_text("running")

@@ -24,7 +24,7 @@ import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import ClientFactory
+from tests.conftest import ClientFactory, open_connections
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 from tests.processes import free_port, spawn_webvirt, wait_until_serving
 from tests.test_qemu import tablets
@@ -349,15 +349,8 @@ async def flood_until_dropped(client: TestClient, caplog: pytest.LogCaptureFixtu
             break
     else:
         raise AssertionError("the client that reads nothing was never dropped")
-    await until(lambda: hub.client_count == 0 and open_connections(client) == 0,
+    await until(lambda: hub.client_count == 0 and not open_connections(client),
                 LAST_WORD_S + 3, "the dropped client is let go, its connection closed")
-
-
-def open_connections(client: TestClient) -> int:
-    assert client.server.runner is not None
-    server = client.server.runner.server
-    assert server is not None
-    return len(server.connections)
 
 
 WEBSOCKET_HEADERS = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"

@@ -16,7 +16,14 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Locator, Page, expect
 
-from tests.conftest import CHROMIUM, CHROMIUM_FLAGS, DEMO_HOST_URI, ClientFactory, blocked_by_csp
+from tests.conftest import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    DEMO_HOST_URI,
+    ClientFactory,
+    blocked_by_csp,
+    drop_all_connections,
+)
 from tests.libvirt_daemon import guest_xml
 from tests.processes import REPO, free_port
 
@@ -79,9 +86,7 @@ async def test_every_vm_when_none_is_chosen(client: TestClient, page: Page) -> N
 async def test_recovers_after_a_dropped_connection(client: TestClient, page: Page) -> None:
     await open_overlay(page, client, "?domain=win11")
     await expect(vm(page, "win11").locator(".state")).to_have_text("shut off")
-    assert client.server.runner is not None and client.server.runner.server is not None
-    for connection in client.server.runner.server.connections:
-        connection.force_close()
+    drop_all_connections(client)
     # While the EventSource is away (it comes back after a second by itself), win11 starts.
     assert await (await client.get("/api/0/start/win11")).json() == "starting"
     await expect(vm(page, "win11").locator(".state")).to_have_text("running")

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Page
 
-from tests.conftest import ClientFactory
+from tests.conftest import ClientFactory, drop_all_connections
 from tests.waiting import next_message, next_sse, until
 from webvirt.appkeys import EVENT_HUB
 from webvirt.hub import QUEUE_LIMIT
@@ -152,9 +152,7 @@ async def test_a_browsers_event_source_resumes_by_itself(client: TestClient,
     publish(client, 3)
     await until(lambda: _count(seen, 4), 10, "snapshot and 3 events")
     # The server drops every connection; 5 events happen before the browser is back.
-    assert client.server.runner is not None and client.server.runner.server is not None
-    for connection in client.server.runner.server.connections:
-        connection.force_close()
+    drop_all_connections(client)
     publish(client, 5, first=3)
     await until(lambda: _count(seen, 9), 15, "EventSource reconnected and resumed")
     publish(client, 1, first=8)

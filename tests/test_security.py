@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.conftest import ClientFactory
 from tests.test_seed_api import get_json
+from tests.waiting import until
 from webvirt.security import FQDN_TIMEOUT_S, Guard
 
 TOKEN = "s3cret-token"
@@ -151,11 +152,11 @@ async def test_start_up_and_requests_do_not_wait_for_a_hung_dns(
     finally:
         dns_answers.set()
     # Once DNS answers, the name is allowed.
-    deadline = time.monotonic() + 10
-    while (await client.get("/api/0/version", headers={"Host": "slow.example.org"})).status \
-            != 200:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.01)
+    async def allowed() -> bool:
+        response = await client.get("/api/0/version", headers={"Host": "slow.example.org"})
+        return response.status == 200
+
+    await until(allowed, 10, "the name is allowed once DNS answers")
     assert len(calls) == 1
 
 

@@ -119,7 +119,7 @@ class Host:
             self._told = {entry.uuid: entry for entry in self.cache}
         self._ever_connected = True
         if self._dirty:  # events that came while setting up still want their re-read
-            self._refresh(next(iter(self._dirty)))
+            self._start_refreshing()
 
     def _retired(self, connection: Connection, reason: str) -> None:
         if connection not in self._connections:
@@ -273,6 +273,9 @@ class Host:
 
     def _refresh(self, uuid: str) -> None:
         self._dirty.add(uuid)
+        self._start_refreshing()
+
+    def _start_refreshing(self) -> None:
         if self._refresher is None or self._refresher.done():
             self._refresher = self._spawn(self._refresh_dirty())
 
