@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, Page, async_playwright
 
+from support.usb_lab import GUEST_NAME, Lab, LabError
 from tests.libvirt_daemon import LibvirtDaemon
 from tests.processes import REPO
+from tests.waiting import until_sync
 from webvirt.app import create_app
 from webvirt.config import Settings
 
@@ -131,3 +134,55 @@ def qemu_conn(libvirt_daemon: LibvirtDaemon) -> Iterator[libvirt.virConnect]:
 async def qemu_client(make_client: ClientFactory, libvirt_daemon: LibvirtDaemon,
                       qemu_conn: libvirt.virConnect) -> AsyncIterator[TestClient]:
     yield await make_client(uri=libvirt_daemon.uri)
+
+
+# --- The USB lab (support/usb_lab.py): a nested lab host with a real USB bus -------------
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The lab host keeps a CPU busy while it runs: its tests run last, together, and it stops
+    # with the session, right after them.
+    items.sort(key=lambda item: item.get_closest_marker("usb_lab") is not None)
+
+
+@pytest.fixture(scope="session")
+def usb_lab_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One lab host for the run: the cached image is built first if needed (about 90 s, once
+    per machine), then it boots (about 35 s)."""
+    if os.environ.get("WEBVIRT_SKIP_USB_LAB") == "1":
+        pytest.skip("WEBVIRT_SKIP_USB_LAB=1")
+    try:
+        lab = Lab.up(tmp_path_factory.mktemp("usb-lab"), tied=True)
+    except LabError as err:
+        pytest.fail(f"USB lab: {err}", pytrace=False)
+    yield lab
+    lab.down()
+
+
+@pytest.fixture
+def usb_lab(usb_lab_host: Lab) -> Iterator[Lab]:
+    """The lab as every test finds it: nothing plugged, lab-guest running and holding no
+    host device."""
+    yield usb_lab_host
+    for device_id in list(usb_lab_host.state.plugged):
+        usb_lab_host.unplug(device_id)
+    conn = libvirt.open(usb_lab_host.uri)
+    try:
+        guest = conn.lookupByName(GUEST_NAME)
+        if not guest.isActive():
+            guest.create()
+        for hostdev in ET.fromstring(guest.XMLDesc()).iterfind("devices/hostdev"):
+            guest.detachDeviceFlags(ET.tostring(hostdev, encoding="unicode"),
+                                    libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        # The next test starts when libvirt, too, lists no unplugged device any more.
+        until_sync(lambda: all(d.name().startswith("usb_usb") for d in conn.listAllDevices(
+            libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_USB_DEV)), 10, "the lab is unplugged")
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def lab_conn(usb_lab: Lab) -> Iterator[libvirt.virConnect]:
+    """A plain connection to the lab host's libvirtd, to set up and inspect directly."""
+    conn = libvirt.open(usb_lab.uri)
+    yield conn
+    conn.close()

@@ -91,12 +91,19 @@ async def test_host_inventory(client: TestClient) -> None:
     assert gpu == {"name": "pci_0000_0f_00_0", "type": "pci", "vendor_id": "10de",
                    "vendor": "NVIDIA Corporation", "product_id": "1b06",
                    "product": "GP102 [GeForce GTX 1080 Ti]", "address": "0000:0f:00.0",
-                   "iommu_group": 14, "held_by": ["win11"]}
-    assert devices["pci_0000_0f_00_1"]["held_by"] == []
+                   "iommu_group": 14, "held_by": [], "configured_in": ["win11"]}
+    assert devices["pci_0000_0f_00_1"]["configured_in"] == []
     receiver = devices["usb_1_4"]
     assert (receiver["vendor_id"], receiver["product_id"], receiver["address"]) == (
         "046d", "c52b", "1:4")
     assert receiver["product"] == "Unifying Receiver"
+    assert receiver["port"] is None  # the test driver's devices have no sysfs path
+
+    # Running, win11 holds its GPU.
+    assert await get_json(client, "/api/0/start/win11") == "starting"
+    devices = {d["name"]: d for d in await get_json(client, "/api/0/host/devices")}
+    assert devices["pci_0000_0f_00_0"]["held_by"] == ["win11"]
+    assert devices["pci_0000_0f_00_1"]["held_by"] == []
 
 
 async def test_toggle_is_501_on_the_test_driver(client: TestClient) -> None:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from webvirt.device_xml import has_device, hostdevs, node_device
+from webvirt.device_xml import (
+    describe_node_device,
+    has_device,
+    holds,
+    hostdev_xml,
+    hostdevs,
+    node_device,
+)
+from webvirt.host_devices import HostDevices, event_fields, reported
 
 DOMAIN = """<domain><devices>
   <hostdev mode='subsystem' type='usb' managed='yes'>
@@ -46,3 +54,71 @@ def test_has_device_matches_other_devices_by_attributes() -> None:
 def test_node_device_without_usb_or_pci_capability_is_skipped() -> None:
     assert node_device("<device><name>computer</name><capability type='system'/></device>") \
         is None
+
+
+# As the lab host's libvirt 9.0 writes them (tests/test_usb_lab.py plugs the real thing).
+USB_DEVICE = """<device>
+  <name>usb_1_4_2</name>
+  <path>/sys/devices/pci0000:00/0000:00:02.0/usb1/1-4/1-4.2</path>
+  <devnode type='dev'>/dev/bus/usb/001/005</devnode>
+  <parent>usb_1_4</parent>
+  <driver><name>usb</name></driver>
+  <capability type='usb_device'>
+    <bus>1</bus><device>5</device>
+    <product id='0x0000'>PenPartner</product>
+    <vendor id='0x056a'>Wacom Co., Ltd</vendor>
+  </capability>
+</device>"""
+USB_INTERFACE = """<device>
+  <name>usb_1_4_2_1_0</name>
+  <path>/sys/devices/pci0000:00/0000:00:02.0/usb1/1-4/1-4.2/1-4.2:1.0</path>
+  <parent>usb_1_4_2</parent>
+  <capability type='usb'><number>0</number><class>3</class></capability>
+</device>"""
+
+
+def test_a_usb_device_has_its_port_path_from_the_kernel_name() -> None:
+    assert describe_node_device(USB_DEVICE) == {
+        "name": "usb_1_4_2", "type": "usb", "vendor_id": "056a", "vendor": "Wacom Co., Ltd",
+        "product_id": "0000", "product": "PenPartner", "address": "1:5", "port": "1-4.2"}
+
+
+def test_a_root_hub_has_no_port_and_an_interface_is_not_a_usb_device() -> None:
+    root_hub = USB_DEVICE.replace("/1-4/1-4.2</path>", "</path>")
+    assert describe_node_device(root_hub)["port"] is None
+    assert describe_node_device(USB_INTERFACE) == {"name": "usb_1_4_2_1_0",
+                                                   "type": "usb_interface"}
+    assert node_device(USB_INTERFACE) is None
+
+
+def test_a_usb_hostdev_holds_the_device_at_its_address_not_any_with_its_ids() -> None:
+    device = node_device(USB_DEVICE)
+    assert device is not None
+    live = {"type": "usb", "vendor_id": "056a", "product_id": "0000", "address": "1:5"}
+    assert holds(live, device)
+    # The same ids at another address: the entry left from before a replug.
+    assert not holds({**live, "address": "1:3"}, device)
+    # A saved definition names only the ids.
+    assert holds({**live, "address": None}, device)
+    assert not holds({**live, "address": None, "product_id": "0001"}, device)
+
+
+def test_hostdev_xml_is_the_element_with_that_alias() -> None:
+    xml = hostdev_xml(DOMAIN, "hostdev0")
+    assert xml is not None and "<address bus=\"1\" device=\"4\" />" in xml
+    assert hostdev_xml(DOMAIN, "hostdev9") is None
+
+
+def test_host_devices_tell_what_came_and_went_between_two_reads() -> None:
+    table = HostDevices()
+    wacom, interface = describe_node_device(USB_DEVICE), describe_node_device(USB_INTERFACE)
+    assert table.replace_all([wacom, interface]) == ([wacom, interface], [])
+    assert not table.add(wacom)  # told already
+    replugged = {**wacom, "address": "1:6"}
+    assert table.replace_all([replugged]) == ([replugged], [interface])
+    assert table.remove("usb_1_4_2") == replugged and table.remove("usb_1_4_2") is None
+    assert [reported(d) for d in (wacom, interface)] == [True, False]
+    assert event_fields(wacom) == {
+        "device": "usb_1_4_2", "device_type": "usb", "vendor_id": "056a",
+        "vendor": "Wacom Co., Ltd", "product_id": "0000", "product": "PenPartner",
+        "address": "1:5", "port": "1-4.2"}

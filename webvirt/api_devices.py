@@ -16,6 +16,7 @@ from aiohttp_apigami import docs, match_info_schema, querystring_schema
 from webvirt import device_xml, domains
 from webvirt.appkeys import EVENT_HUB, HOST, TEMPLATES
 from webvirt.errors import ApiError
+from webvirt.host_devices import read_node_devices
 from webvirt.schemas import (
     DeviceQuery,
     DeviceResult,
@@ -133,15 +134,22 @@ async def list_templates(request: web.Request) -> web.Response:
 
 
 def host_inventory(conn: libvirt.virConnect) -> list[dict[str, Any]]:
-    """Blocking: host USB and PCI devices, each with the domains whose definition holds it."""
+    """Blocking: host USB and PCI devices, each with the running domains that hold it now
+    (their live definition) and the domains whose saved definition names it."""
     flags = (libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_USB_DEV
              | libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV)
-    devices = [d for d in (device_xml.node_device(n.XMLDesc()) for n in
-                           conn.listAllDevices(flags)) if d is not None]
-    held = [(dom.name(), device_xml.hostdevs(dom.XMLDesc())) for dom in conn.listAllDomains()]
+    devices = [d for d in read_node_devices(conn, flags) if d["type"] in ("usb", "pci")]
+    held, configured = [], []
+    for dom in conn.listAllDomains():
+        if dom.isActive():
+            held.append((dom.name(), device_xml.hostdevs(dom.XMLDesc())))
+        if dom.isPersistent():
+            saved = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            configured.append((dom.name(), device_xml.hostdevs(saved)))
     for device in devices:
-        device["held_by"] = sorted(name for name, hostdevs in held
-                                   if any(device_xml.holds(h, device) for h in hostdevs))
+        for key, definitions in (("held_by", held), ("configured_in", configured)):
+            device[key] = sorted(name for name, hostdevs in definitions
+                                 if any(device_xml.holds(h, device) for h in hostdevs))
     return sorted(devices, key=lambda d: (d["type"], d["address"] or ""))
 
 
@@ -149,7 +157,8 @@ def host_inventory(conn: libvirt.virConnect) -> list[dict[str, Any]]:
     tags=["host"],
     summary="List host USB and PCI devices",
     description="The host's USB and PCI devices (libvirt node devices) with vendor and "
-    "product names, the PCI IOMMU group, and the domains whose definition holds each.",
+    "product names, the USB port path, the PCI IOMMU group, the running domains that hold "
+    "each now (`held_by`) and the domains whose saved definition names it (`configured_in`).",
     responses={200: {"description": "Host devices", "schema": NodeDevice(many=True)},
                **error_responses(501, 503, 504)},
 )

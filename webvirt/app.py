@@ -33,6 +33,7 @@ from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
 from webvirt.security import Guard, reads
 from webvirt.templates import TemplateStore
+from webvirt.usb_reconciler import UsbReconciler
 
 
 async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
@@ -40,6 +41,13 @@ async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
     await host.open()
     yield
     await host.close()
+
+
+async def usb_reconciler(app: web.Application) -> AsyncIterator[None]:
+    reconciler = UsbReconciler(app[HOST], app[EVENT_HUB])
+    reconciler.wake()  # stale entries left from before webvirt started
+    yield
+    await reconciler.close()
 
 
 async def event_stream(app: web.Application) -> AsyncIterator[None]:
@@ -128,7 +136,7 @@ def create_app(settings: Settings) -> web.Application:
     app[HOST] = Host(settings.uri, hub, call_timeout=settings.call_timeout,
                      reconcile_s=settings.reconcile_s)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
-    app.cleanup_ctx.extend([libvirt_connection, event_stream])
+    app.cleanup_ctx.extend([libvirt_connection, usb_reconciler, event_stream])
     app.on_shutdown.append(end_event_streams)
     app.on_response_prepare.append(guard.cors_headers)
 

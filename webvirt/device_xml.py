@@ -3,8 +3,13 @@ whether a domain already has the device a template describes (for toggle)."""
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import Any
+
+# A USB device's kernel name is its port path: bus 1, port 4, hub port 2 is "1-4.2". Root hubs
+# ("usb1") and interfaces ("1-4.2:1.0") are not ports.
+USB_PORT = re.compile(r"^\d+-\d+(\.\d+)*$")
 
 
 def _hex(value: str | None) -> int | None:
@@ -72,16 +77,24 @@ def hostdevs(domain_xml: str) -> list[dict[str, Any]]:
 
 def node_device(xml: str) -> dict[str, Any] | None:
     """A host USB or PCI device from its node-device XML."""
+    description = describe_node_device(xml)
+    return description if description["type"] in ("usb", "pci") else None
+
+
+def describe_node_device(xml: str) -> dict[str, Any]:
+    """Any node device: USB and PCI devices with their ids, names, address (and the USB port
+    path, the PCI IOMMU group); others by name and capability type ("usb_interface" for a USB
+    device's interfaces, "net", "scsi_host", ...)."""
     root = ET.fromstring(xml)
     capability = root.find("capability")
-    if capability is None:
-        return None
-    kind = {"usb_device": "usb", "pci": "pci"}.get(capability.get("type", ""))
-    if kind is None:
-        return None
+    name = root.findtext("name")
+    kind = capability.get("type", "") if capability is not None else ""
+    kind = {"usb_device": "usb", "usb": "usb_interface"}.get(kind, kind)
+    if capability is None or kind not in ("usb", "pci"):
+        return {"name": name, "type": kind or None}
     vendor, product = capability.find("vendor"), capability.find("product")
     entry: dict[str, Any] = {
-        "name": root.findtext("name"),
+        "name": name,
         "type": kind,
         "vendor_id": _id_text(vendor),
         "vendor": vendor.text if vendor is not None else None,
@@ -90,6 +103,8 @@ def node_device(xml: str) -> dict[str, Any] | None:
     }
     if kind == "usb":
         entry["address"] = usb_address(capability.findtext("bus"), capability.findtext("device"))
+        kernel_name = (root.findtext("path") or "").rstrip("/").rpartition("/")[2]
+        entry["port"] = kernel_name if USB_PORT.match(kernel_name) else None
     else:
         entry["address"] = pci_address({k: capability.findtext(k) for k in PCI_FIELDS})
         group = capability.find("iommuGroup")
@@ -103,15 +118,15 @@ def _id_text(element: ET.Element | None) -> str | None:
 
 
 def holds(hostdev: dict[str, Any], device: dict[str, Any]) -> bool:
-    """Whether a domain's hostdev entry is this host device."""
+    """Whether a domain's hostdev entry is this host device. A running domain's USB hostdev
+    names the bus/device address it took, and a replugged device gets a new address: where the
+    address is known it decides, so a stale entry does not hold the replugged device."""
     if hostdev["type"] != device["type"]:
         return False
-    if device["type"] == "pci":
+    if device["type"] == "pci" or hostdev.get("address"):
         return hostdev["address"] is not None and hostdev["address"] == device["address"]
-    if hostdev.get("vendor_id") and hostdev.get("product_id"):
-        return (hostdev["vendor_id"], hostdev["product_id"]) == (device["vendor_id"],
-                                                                 device["product_id"])
-    return hostdev.get("address") is not None and hostdev["address"] == device["address"]
+    return bool(hostdev.get("vendor_id") and hostdev.get("product_id")) and (
+        hostdev["vendor_id"], hostdev["product_id"]) == (device["vendor_id"], device["product_id"])
 
 
 def has_device(domain_xml: str, device_xml: str) -> bool:
@@ -146,3 +161,13 @@ def _address_key(kind: str | None, address: ET.Element | None) -> str | None:
     if kind == "usb":
         return usb_address(address.get("bus"), address.get("device"))
     return pci_address(address)
+
+
+def hostdev_xml(domain_xml: str, alias: str) -> str | None:
+    """The <hostdev> element with this alias, as XML (e.g. to detach exactly that one: with
+    its bus/device address in it, libvirt matches by address, not by vendor/product)."""
+    for hostdev in ET.fromstring(domain_xml).iterfind("devices/hostdev"):
+        found = hostdev.find("alias")
+        if found is not None and found.get("name") == alias:
+            return ET.tostring(hostdev, encoding="unicode")
+    return None

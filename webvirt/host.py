@@ -30,6 +30,13 @@ from webvirt.errors import (
     from_libvirt,
     is_connection_error,
 )
+from webvirt.host_devices import (
+    HostDevices,
+    event_fields,
+    read_node_device,
+    read_node_devices,
+    reported,
+)
 from webvirt.hub import EventHub
 from webvirt.libvirt_events import LIFECYCLE_DETAILS, LIFECYCLE_EVENTS, STATE_AFTER, register
 from webvirt.libvirt_loop import ensure_event_impl
@@ -56,6 +63,11 @@ class Host:
         self.reconcile_s = reconcile_s
         self.connected_uri = "?"  # the URI libvirt resolved, for logs and events
         self.cache = DomainCache()
+        self.devices = HostDevices()
+        # Node-device events in arrival order: an added device is read before it is told,
+        # and its removal must not overtake that.
+        self._device_events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._devices_lock = asyncio.Lock()
         self.connected = False
         self.reconnects = 0
         self._connections: list[Connection] = []
@@ -87,6 +99,7 @@ class Host:
         self._closing = False
         await self._connect(open_seconds=self.call_timeout)
         self._spawn(self._reconcile_periodically())
+        self._spawn(self._follow_devices())
         log.info("connected to libvirt at %s", self.connected_uri)
 
     async def _connect(self, open_seconds: float | None) -> None:
@@ -102,6 +115,7 @@ class Host:
                 conn, self, loop, lambda: not events.retired, events.callback_ids),
                 self.call_timeout)
             await self._resync()
+            await self._resync_devices(tell=self._ever_connected)
         except BaseException:
             for connection in connections:
                 connection.retire("could not set up")
@@ -269,7 +283,45 @@ class Host:
         self.hub.publish(kind, domain=name, uuid=uuid, **fields)
 
     def node_device(self, kind: str, device: str) -> None:
-        self.hub.publish(kind, device=device)
+        self._device_events.put_nowait((kind, device))
+
+    async def _follow_devices(self) -> None:
+        while True:
+            kind, name = await self._device_events.get()
+            async with self._devices_lock:
+                if kind == "node-device-added":
+                    try:
+                        description = await self.call(partial(read_node_device, name=name))
+                    except ApiError as err:  # a lost connection re-reads them all
+                        log.debug("reading node device %s failed: %s", name, err.detail)
+                        continue
+                    if description is not None and self.devices.add(description):
+                        self._tell_device(kind, description)
+                else:
+                    gone = self.devices.remove(name)
+                    if gone is not None:
+                        self._tell_device(kind, gone)
+
+    def _tell_device(self, kind: str, description: dict[str, Any]) -> None:
+        if reported(description):
+            self.hub.publish(kind, **event_fields(description))
+
+    async def _resync_devices(self, tell: bool) -> None:
+        """Re-read every node device; after an outage, tell what came and went meanwhile."""
+        async with self._devices_lock:
+            try:
+                descriptions = await self.call(read_node_devices)
+            except ApiError as err:
+                if err.status != 501:
+                    raise
+                log.info("host devices unavailable: %s", err.detail)
+                return
+            added, removed = self.devices.replace_all(descriptions)
+        if tell:
+            for description in removed:
+                self._tell_device("node-device-removed", description)
+            for description in added:
+                self._tell_device("node-device-added", description)
 
     def _refresh(self, uuid: str) -> None:
         self._dirty.add(uuid)

@@ -164,6 +164,8 @@ class EventHub:
         self._replay: collections.deque[Published] = collections.deque(maxlen=replay_events)
         self._subscribers: set[Subscriber] = set()
         self._watchers: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[None]]] = []
+        # In-process consumers (the USB reconciler): called with each event, in order.
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
 
     @property
     def client_count(self) -> int:
@@ -181,7 +183,15 @@ class EventHub:
                 subscriber.offer(outgoing)
         if self._watchers:
             self._notify_watchers(message)
+        for listener in self._listeners:
+            listener(message)
         return message
+
+    def listen(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        """Calls listener(event) for every event from now on, synchronously: it must be quick
+        and never raise (queue work, don't do it). Returns the function that stops it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
     def watch(self, predicate: Callable[[dict[str, Any]], bool]) -> asyncio.Future[None]:
         """A future that completes at the first published event the predicate accepts."""

@@ -183,9 +183,15 @@ class NodeDevice(Schema):
     vendor = fields.Str(allow_none=True)
     product_id = fields.Str(allow_none=True)
     product = fields.Str(allow_none=True)
-    address = fields.Str(allow_none=True)
+    address = fields.Str(allow_none=True, metadata={
+        "description": "USB bus:device (changes at every plug) or PCI address"})
+    port = fields.Str(allow_none=True, metadata={
+        "description": "USB only: the port path as the kernel names it, e.g. 1-4.2"})
     iommu_group = fields.Int(allow_none=True, metadata={"description": "PCI only"})
-    held_by = fields.List(fields.Str(), required=True)
+    held_by = fields.List(fields.Str(), required=True, metadata={
+        "description": "Running domains that hold it now"})
+    configured_in = fields.List(fields.Str(), required=True, metadata={
+        "description": "Domains whose saved definition names it"})
 
 
 class TemplateInfo(Schema):

@@ -1,0 +1,85 @@
+"""The host's node devices as libvirt last told: what host-device events carry (a removed
+device can no longer be read), and what the reconciler matches against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import libvirt
+
+from webvirt import device_xml
+
+Description = dict[str, Any]
+
+
+class HostDevices:
+    """Node devices by name, each described by device_xml.describe_node_device."""
+
+    __slots__ = ("_by_name",)
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Description] = {}
+
+    def __iter__(self) -> Any:
+        return iter(self._by_name.values())
+
+    def get(self, name: str) -> Description | None:
+        return self._by_name.get(name)
+
+    def add(self, description: Description) -> bool:
+        """Whether it is new (or changed): only then is it worth an event."""
+        before = self._by_name.get(description["name"])
+        self._by_name[description["name"]] = description
+        return before != description
+
+    def remove(self, name: str) -> Description | None:
+        return self._by_name.pop(name, None)
+
+    def replace_all(self, descriptions: list[Description]) -> tuple[list[Description],
+                                                                    list[Description]]:
+        """After a full read: (added, removed), e.g. while the connection was lost."""
+        fresh = {d["name"]: d for d in descriptions}
+        added = [d for name, d in fresh.items() if self._by_name.get(name) != d]
+        removed = [d for name, d in self._by_name.items() if name not in fresh]
+        self._by_name = fresh
+        return added, removed
+
+    def usb(self) -> list[Description]:
+        return [d for d in self._by_name.values() if d["type"] == "usb"]
+
+
+def reported(description: Description) -> bool:
+    """Interfaces are parts of a USB device, not devices of their own: no events for them."""
+    return bool(description["type"] != "usb_interface")
+
+
+def event_fields(description: Description) -> dict[str, Any]:
+    """A node-device event's fields: `device` is libvirt's node-device name, `device_type`
+    its kind (usb, pci, net, ...: `type` is the event's)."""
+    fields = {k: v for k, v in description.items() if k not in ("name", "type")}
+    return {"device": description["name"], "device_type": description["type"], **fields}
+
+
+# Blocking helpers; each runs on a connection's thread.
+
+def read_node_device(conn: libvirt.virConnect, name: str) -> Description | None:
+    """None when it is gone again already."""
+    try:
+        return device_xml.describe_node_device(conn.nodeDeviceLookupByName(name).XMLDesc())
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_NODE_DEVICE:
+            return None
+        raise
+
+
+def read_node_devices(conn: libvirt.virConnect, flags: int = 0) -> list[Description]:
+    """Every node device (or those of the capabilities in `flags`); one unplugged while
+    listed is left out."""
+    descriptions = []
+    for device in conn.listAllDevices(flags):
+        try:
+            descriptions.append(device_xml.describe_node_device(device.XMLDesc()))
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_NODE_DEVICE:
+                raise
+    return descriptions
