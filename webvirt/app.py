@@ -25,14 +25,22 @@ from webvirt.api_domains import (
     suspend,
 )
 from webvirt.api_events import events
-from webvirt.appkeys import EVENT_HUB, HOST, SETTINGS, TEMPLATES
+from webvirt.appkeys import EVENT_HUB, HOST, RULES, SETTINGS, TEMPLATES
 from webvirt.config import Settings
 from webvirt.host import Host
 from webvirt.hub import EventHub
 from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
+from webvirt.rules_store import RuleStore
 from webvirt.security import Guard, reads
 from webvirt.templates import TemplateStore
+
+
+async def rule_store(app: web.Application) -> AsyncIterator[None]:
+    store = app[RULES]
+    await store.open()
+    yield
+    await store.close()
 
 
 async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
@@ -128,7 +136,9 @@ def create_app(settings: Settings) -> web.Application:
     app[HOST] = Host(settings.uri, hub, call_timeout=settings.call_timeout,
                      reconcile_s=settings.reconcile_s)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
-    app.cleanup_ctx.extend([libvirt_connection, event_stream])
+    app[RULES] = RuleStore(settings.state_dir)
+    # The rule store first: a state folder that cannot be used is said before libvirt is tried.
+    app.cleanup_ctx.extend([rule_store, libvirt_connection, event_stream])
     app.on_shutdown.append(end_event_streams)
     app.on_response_prepare.append(guard.cors_headers)
 
