@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 from aiohttp_apigami import docs
@@ -25,6 +26,14 @@ from webvirt.api_domains import (
     suspend,
 )
 from webvirt.api_events import events
+from webvirt.api_rules import (
+    create_rule,
+    delete_rule,
+    get_rule,
+    list_rules,
+    publish_change,
+    replace_rule,
+)
 from webvirt.appkeys import EVENT_HUB, HOST, RULES, SETTINGS, TEMPLATES
 from webvirt.config import Settings
 from webvirt.host import Host
@@ -39,6 +48,7 @@ from webvirt.templates import TemplateStore
 async def rule_store(app: web.Application) -> AsyncIterator[None]:
     store = app[RULES]
     await store.open()
+    store.listeners.append(partial(publish_change, app[EVENT_HUB]))
     yield
     await store.close()
 
@@ -125,6 +135,11 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/0/templates", reads(list_templates), allow_head=False)
     router.add_get("/api/0/host/devices", reads(host_devices), allow_head=False)
     router.add_get("/api/0/events", reads(events), allow_head=False)
+    router.add_get("/api/0/rules", reads(list_rules), allow_head=False)
+    router.add_post("/api/0/rules", create_rule)
+    router.add_get("/api/0/rules/{id}", reads(get_rule), allow_head=False)
+    router.add_put("/api/0/rules/{id}", replace_rule)
+    router.add_delete("/api/0/rules/{id}", delete_rule)
     setup_openapi(app)  # last: the spec is built from the routes above
 
 
