@@ -31,6 +31,9 @@ sys.path.insert(0, str(REPO))
 from support.processes import free_port, status_number, wait_until_serving  # noqa: E402
 
 DEMO_URI = f"test://{REPO / 'demo' / 'host.xml'}"
+# The servers of a run keep their (empty) rules here, never in the user's state folder;
+# removed when the run ends.
+STATE_DIR = tempfile.TemporaryDirectory(prefix="webvirt-bench-")
 
 
 @dataclass
@@ -54,7 +57,8 @@ def start_webvirt(port: int, *options: str, uri: str = DEMO_URI,
     server. With it, webvirt runs at its defaults and logs there."""
     quiet = [] if log else ["--log-level", "warning"]
     return start([sys.executable, "-m", "webvirt", "--connect", uri, "--port", str(port),
-                  *quiet, *options], f"http://127.0.0.1:{port}/api/0/version", log)
+                  "--state-dir", STATE_DIR.name, *quiet, *options],
+                 f"http://127.0.0.1:{port}/api/0/version", log)
 
 
 def rss_mib(pid: int) -> tuple[float, float]:

@@ -145,7 +145,8 @@ async def run(minutes: float, seed: int) -> int:
     daemon = LibvirtDaemon()
     daemon.start()
     port = free_port()
-    server = spawn_webvirt(daemon.uri, port, "--call-timeout", "10", "--log-level", "warning")
+    server = spawn_webvirt(daemon.uri, port, "--call-timeout", "10", "--log-level", "warning",
+                           state_dir=daemon.base / "webvirt-state")
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(server.stderr or ()), daemon=True).start()
     try:

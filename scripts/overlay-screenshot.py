@@ -35,7 +35,8 @@ async def main(out: Path) -> None:
         host.write_text((REPO / "demo" / "host.xml").read_text().replace(
             "</hostdev>", "</hostdev>" + usb, 1))
         runner = web.AppRunner(create_app(Settings(uri=f"test://{host}",
-                                                   devices_dir=REPO / "devices")))
+                                                   devices_dir=REPO / "devices",
+                                                   state_dir=Path(scratch) / "state")))
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()

@@ -38,17 +38,20 @@ def wait_until_serving(url: str, process: subprocess.Popen[str] | None = None) -
     raise AssertionError(f"{url} did not answer")
 
 
-def spawn_webvirt(uri: str, port: int, *options: str, env: Mapping[str, str] | None = None,
+def spawn_webvirt(uri: str, port: int, *options: str, state_dir: Path,
+                  env: Mapping[str, str] | None = None,
                   open_files: tuple[int, int] | None = None) -> subprocess.Popen[str]:
     """webvirt as a user runs it, on 127.0.0.1:port, with its log on stderr; `open_files`
-    sets its (soft, hard) limit on open files."""
+    sets its (soft, hard) limit on open files. `state_dir` has no default: a test or a bench
+    never keeps its rules in the user's state folder."""
 
     def limit_open_files() -> None:
         assert open_files is not None
         resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
 
     return subprocess.Popen(
-        [sys.executable, "-m", "webvirt", "--connect", uri, "--port", str(port), *options],
+        [sys.executable, "-m", "webvirt", "--connect", uri, "--port", str(port),
+         "--state-dir", str(state_dir), *options],
         cwd=REPO, stderr=subprocess.PIPE, text=True, env=env,
         preexec_fn=limit_open_files if open_files else None)
 

@@ -86,11 +86,13 @@ def devices_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Any, devices_dir: Path) -> ClientFactory:
-    """Start the real app; defaults to a fresh copy of the demo host on libvirt's test driver."""
+def make_client(aiohttp_client: Any, devices_dir: Path, tmp_path: Path) -> ClientFactory:
+    """Start the real app; defaults to a fresh copy of the demo host on libvirt's test driver,
+    and a state folder of the test's own."""
 
     async def make(**overrides: Any) -> TestClient:
-        settings = Settings(**{"uri": DEMO_HOST_URI, "devices_dir": devices_dir, **overrides})
+        settings = Settings(**{"uri": DEMO_HOST_URI, "devices_dir": devices_dir,
+                               "state_dir": tmp_path / "state", **overrides})
         return await aiohttp_client(create_app(settings))
 
     return make

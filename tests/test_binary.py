@@ -38,10 +38,11 @@ def test_help(binary: Path) -> None:
     assert "--connect" in result.stdout
 
 
-def test_serves_api_docs_and_dashboard_from_bundled_files(binary: Path) -> None:
+def test_serves_api_docs_and_dashboard_from_bundled_files(binary: Path, tmp_path: Path) -> None:
     port = free_port()
     # Started from another folder: devices/ must be found next to the binary.
-    server = subprocess.Popen([str(binary), "--connect", DEMO_HOST_URI, "--port", str(port)],
+    server = subprocess.Popen([str(binary), "--connect", DEMO_HOST_URI, "--port", str(port),
+                               "--state-dir", str(tmp_path / "state")],
                               cwd="/", stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
 

@@ -10,27 +10,31 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import DEMO_HOST_URI, REPO
 from tests.processes import free_port, spawn_webvirt, wait_until_serving
+from webvirt.cli import default_state_dir
 
 
-def webvirt(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "webvirt", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+def webvirt(*args: str, state_dir: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "webvirt", "--state-dir", str(state_dir), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
-def test_help_names_every_option() -> None:
-    result = webvirt("-h")
+def test_help_names_every_option(tmp_path: Path) -> None:
+    result = webvirt("-h", state_dir=tmp_path)
     assert result.returncode == 0
-    for option in ("--address", "--port", "--connect", "--devices", "--log-level"):
+    for option in ("--address", "--port", "--connect", "--devices", "--state-dir",
+                   "--log-level"):
         assert option in result.stdout
     assert "127.0.0.1" in result.stdout
     assert "5000" in result.stdout
 
 
-def test_unreachable_libvirt_is_a_one_line_error() -> None:
+def test_unreachable_libvirt_is_a_one_line_error(tmp_path: Path) -> None:
     result = webvirt("--connect", "qemu+unix:///system?socket=/nonexistent/sock",
-                     "--port", str(free_port()))
+                     "--port", str(free_port()), state_dir=tmp_path)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("webvirt: error")]
     assert len(errors) == 1
@@ -38,20 +42,48 @@ def test_unreachable_libvirt_is_a_one_line_error() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_port_in_use_is_a_one_line_error() -> None:
+def test_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = webvirt("--connect", DEMO_HOST_URI, "--port", str(port))
+        result = webvirt("--connect", DEMO_HOST_URI, "--port", str(port), state_dir=tmp_path)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("environ", "euid", "expected"), [
+    ({}, 1000, "/home/ann/.local/state/webvirt"),
+    ({"XDG_STATE_HOME": "/data/state"}, 1000, "/data/state/webvirt"),
+    ({"XDG_STATE_HOME": "state"}, 1000, "/home/ann/.local/state/webvirt"),  # not absolute
+    ({"XDG_STATE_HOME": ""}, 1000, "/home/ann/.local/state/webvirt"),
+    ({}, 0, "/var/lib/webvirt"),
+    ({"XDG_STATE_HOME": "/root/.state"}, 0, "/var/lib/webvirt"),  # a daemon's, as root
+])
+def test_the_default_state_folder(environ: dict[str, str], euid: int, expected: str) -> None:
+    assert default_state_dir(environ, euid, Path("/home/ann")) == Path(expected)
+
+
+@pytest.mark.parametrize(("where", "reason"), [
+    ("file/state", "cannot create the state folder {}: Not a directory"),
+    ("file", "the state folder {} is a file"),
+    ("/proc", "cannot open /proc/rules.sqlite3: unable to open database file"),  # even as root
+])
+def test_a_state_folder_that_cannot_be_used_is_a_one_line_error(
+        tmp_path: Path, where: str, reason: str) -> None:
+    (tmp_path / "file").write_text("")
+    state = tmp_path / where
+    result = webvirt("--connect", DEMO_HOST_URI, "--port", str(free_port()), state_dir=state)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"webvirt: error: {reason.format(state)}")
+
+
 def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    process = spawn_webvirt(DEMO_HOST_URI, port)
+    process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path / "state")
     try:
         url = f"http://127.0.0.1:{port}/api/0/state/win11"
         wait_until_serving(url)
@@ -64,12 +96,13 @@ def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert "serving http://127.0.0.1" in stderr
     assert "GET /api/0/state/win11" in stderr  # the access log
     assert "Traceback" not in stderr
+    assert (tmp_path / "state" / "rules.sqlite3").is_file()  # --state-dir, made at start
 
 
-def test_token_from_the_environment_and_lan_warning() -> None:
+def test_token_from_the_environment_and_lan_warning(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "WEBVIRT_TOKEN": "abc-not-in-logs"}
-    process = spawn_webvirt(DEMO_HOST_URI, port, env=env)
+    process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path, env=env)
     try:
         url = f"http://127.0.0.1:{port}/api/0/version"
         wait_until_serving(url)
@@ -91,5 +124,5 @@ def test_token_from_the_environment_and_lan_warning() -> None:
     assert "abc-not-in-logs" not in log
 
     result = webvirt("--connect", "qemu+unix:///system?socket=/nonexistent/sock",
-                     "--address", "0.0.0.0", "--port", str(free_port()))
+                     "--address", "0.0.0.0", "--port", str(free_port()), state_dir=tmp_path)
     assert "without --token" in result.stderr

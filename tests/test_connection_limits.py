@@ -85,10 +85,10 @@ def stop(process: subprocess.Popen[str]) -> str:
     return log
 
 
-def test_slow_headers_from_one_client_do_not_lock_the_others_out() -> None:
+def test_slow_headers_from_one_client_do_not_lock_the_others_out(tmp_path: Path) -> None:
     port = free_port()
     # 256 open files at most, and webvirt cannot raise it: 300 connections would use them up.
-    process = spawn_webvirt(DEMO_HOST_URI, port, open_files=(256, 256))
+    process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path, open_files=(256, 256))
     try:
         url = f"http://127.0.0.1:{port}/api/0/state/win11"
         wait_until_serving(url)
@@ -106,9 +106,9 @@ def test_slow_headers_from_one_client_do_not_lock_the_others_out() -> None:
     assert "it already has 64 open" in refusals[0]
 
 
-def test_unfinished_huge_headers_do_not_take_the_memory() -> None:
+def test_unfinished_huge_headers_do_not_take_the_memory(tmp_path: Path) -> None:
     port = free_port()
-    process = spawn_webvirt(DEMO_HOST_URI, port)
+    process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
         before = status_number(process.pid, "VmRSS")
@@ -132,9 +132,9 @@ def test_unfinished_huge_headers_do_not_take_the_memory() -> None:
         stop(process)
 
 
-def test_raises_its_open_file_limit_to_the_hard_limit() -> None:
+def test_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Path) -> None:
     port = free_port()
-    process = spawn_webvirt(DEMO_HOST_URI, port, open_files=(256, 4096))
+    process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path, open_files=(256, 4096))
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
         limits = Path(f"/proc/{process.pid}/limits").read_text()

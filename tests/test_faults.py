@@ -72,9 +72,10 @@ class ProcessLog:
 
 
 @pytest.fixture
-def webvirt_process(libvirt_daemon: LibvirtDaemon) -> Iterator[tuple[int, ProcessLog]]:
+def webvirt_process(libvirt_daemon: LibvirtDaemon,
+                    tmp_path: Path) -> Iterator[tuple[int, ProcessLog]]:
     port = free_port()
-    server = spawn_webvirt(libvirt_daemon.uri, port, "--call-timeout", "30")
+    server = spawn_webvirt(libvirt_daemon.uri, port, "--call-timeout", "30", state_dir=tmp_path)
     log = ProcessLog(server)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
@@ -392,9 +393,9 @@ def hang_up_during(port: int, headers: str) -> None:
     sock.close()
 
 
-def test_clients_that_leave_during_the_handshake_are_no_errors() -> None:
+def test_clients_that_leave_during_the_handshake_are_no_errors(tmp_path: Path) -> None:
     port = free_port()
-    server = spawn_webvirt("test:///default", port)
+    server = spawn_webvirt("test:///default", port, state_dir=tmp_path)
     log = ProcessLog(server)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")

@@ -72,7 +72,8 @@ def test_serves_dashboard_docs_and_api_from_any_folder(venv: Path, tmp_path: Pat
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [venv / "bin" / "webvirt", "--connect", "test:///default", "--port", str(port)],
+        [venv / "bin" / "webvirt", "--connect", "test:///default", "--port", str(port),
+         "--state-dir", tmp_path / "state"],
         cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=clean_env())
 
     def get(path: str) -> bytes:

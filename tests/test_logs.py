@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import urllib.request
+from pathlib import Path
 
 from support.processes import free_port, spawn_webvirt, wait_until_serving
 from tests.conftest import DEMO_HOST_URI
@@ -27,9 +28,10 @@ def log_of(process: subprocess.Popen[str]) -> str:
     return log
 
 
-def test_control_characters_from_clients_cannot_start_a_log_line() -> None:
+def test_control_characters_from_clients_cannot_start_a_log_line(tmp_path: Path) -> None:
     port = free_port()
-    process = spawn_webvirt(DEMO_HOST_URI, port)  # no token: anyone can send these
+    # No token: anyone can send these.
+    process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
         status = send_raw(port, b"GET /api/0/state/x%0d%0aFAKE%20LINE%1b[2K HTTP/1.1\r\n"
@@ -52,11 +54,11 @@ def test_control_characters_from_clients_cannot_start_a_log_line() -> None:
     assert "Origin http://a\\u2028FAKE ORIGIN is not this server" in log
 
 
-def test_no_token_reaches_the_log_in_any_case_or_error() -> None:
+def test_no_token_reaches_the_log_in_any_case_or_error(tmp_path: Path) -> None:
     token = "real-token-4f1c9a"
     guesses = ["guess-upper-77", "guess-mixed-78", "guess-long-79", "guess-bearer-80"]
     port = free_port()
-    process = spawn_webvirt(DEMO_HOST_URI, port, "--token", token)
+    process = spawn_webvirt(DEMO_HOST_URI, port, "--token", token, state_dir=tmp_path)
     try:
         base = f"http://127.0.0.1:{port}/api/0"
         wait_until_serving(f"{base}/version")

@@ -321,7 +321,8 @@ async def test_a_user_overlay_follows_the_event_stream(make_client: ClientFactor
 def test_a_missing_overlay_folder_is_a_one_line_error(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "webvirt", "--connect", DEMO_HOST_URI, "--port",
-         str(free_port()), "--overlays", str(tmp_path / "nope")],
+         str(free_port()), "--overlays", str(tmp_path / "nope"), "--state-dir",
+         str(tmp_path / "state")],
         capture_output=True, text=True, timeout=20, cwd=REPO)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [

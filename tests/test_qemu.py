@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -253,9 +254,9 @@ async def test_a_frozen_daemon_gives_504_not_a_pile_up(
 
 
 def test_ctrl_c_ends_webvirt_even_while_the_daemon_is_frozen(
-        libvirt_daemon: LibvirtDaemon) -> None:
+        libvirt_daemon: LibvirtDaemon, tmp_path: Path) -> None:
     port = free_port()
-    server = spawn_webvirt(libvirt_daemon.uri, port, "--call-timeout", "1")
+    server = spawn_webvirt(libvirt_daemon.uri, port, "--call-timeout", "1", state_dir=tmp_path)
     try:
         wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
         libvirt_daemon.signal(signal.SIGSTOP)

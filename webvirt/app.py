@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 from aiohttp_apigami import docs
@@ -25,15 +26,32 @@ from webvirt.api_domains import (
     suspend,
 )
 from webvirt.api_events import events
-from webvirt.appkeys import EVENT_HUB, HOST, SETTINGS, TEMPLATES
+from webvirt.api_rules import (
+    create_rule,
+    delete_rule,
+    get_rule,
+    list_rules,
+    publish_change,
+    replace_rule,
+)
+from webvirt.appkeys import EVENT_HUB, HOST, RULES, SETTINGS, TEMPLATES, USB_RECONCILER
 from webvirt.config import Settings
 from webvirt.host import Host
 from webvirt.hub import EventHub
 from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
+from webvirt.rules_store import RuleStore
 from webvirt.security import Guard, reads
 from webvirt.templates import TemplateStore
 from webvirt.usb_reconciler import UsbReconciler
+
+
+async def rule_store(app: web.Application) -> AsyncIterator[None]:
+    store = app[RULES]
+    await store.open()
+    store.listeners.append(partial(publish_change, app[EVENT_HUB]))
+    yield
+    await store.close()
 
 
 async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
@@ -44,7 +62,7 @@ async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
 
 
 async def usb_reconciler(app: web.Application) -> AsyncIterator[None]:
-    reconciler = UsbReconciler(app[HOST], app[EVENT_HUB])
+    app[USB_RECONCILER] = reconciler = UsbReconciler(app[HOST], app[EVENT_HUB], app[RULES])
     reconciler.wake()  # stale entries left from before webvirt started
     yield
     await reconciler.close()
@@ -125,6 +143,11 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/0/templates", reads(list_templates), allow_head=False)
     router.add_get("/api/0/host/devices", reads(host_devices), allow_head=False)
     router.add_get("/api/0/events", reads(events), allow_head=False)
+    router.add_get("/api/0/rules", reads(list_rules), allow_head=False)
+    router.add_post("/api/0/rules", create_rule)
+    router.add_get("/api/0/rules/{id}", reads(get_rule), allow_head=False)
+    router.add_put("/api/0/rules/{id}", replace_rule)
+    router.add_delete("/api/0/rules/{id}", delete_rule)
     setup_openapi(app)  # last: the spec is built from the routes above
 
 
@@ -136,7 +159,9 @@ def create_app(settings: Settings) -> web.Application:
     app[HOST] = Host(settings.uri, hub, call_timeout=settings.call_timeout,
                      reconcile_s=settings.reconcile_s)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
-    app.cleanup_ctx.extend([libvirt_connection, usb_reconciler, event_stream])
+    app[RULES] = RuleStore(settings.state_dir)
+    # The rule store first: a state folder that cannot be used is said before libvirt is tried.
+    app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream])
     app.on_shutdown.append(end_event_streams)
     app.on_response_prepare.append(guard.cors_headers)
 

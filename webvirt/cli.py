@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -45,6 +45,16 @@ def default_devices_dir() -> Path:
     if getattr(sys, "frozen", False):
         return Path(sys.executable).resolve().parent / "devices"
     return Path("devices")
+
+
+def default_state_dir(environ: Mapping[str, str], euid: int, home: Path) -> Path:
+    """Where webvirt keeps its state: the system's place for a daemon's state when run as
+    root, else the user's ($XDG_STATE_HOME, which must be absolute to count)."""
+    if euid == 0:
+        return Path("/var/lib/webvirt")
+    xdg = environ.get("XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else home / ".local" / "state"
+    return base / "webvirt"
 
 
 def is_loopback(address: str) -> bool:
@@ -104,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlays", metavar="DIR", type=Path, default=None,
                         help="serve your own overlay pages (OBS browser sources) from DIR at "
                              "/overlays/ (default: none)")
+    parser.add_argument("--state-dir", metavar="DIR", type=Path,
+                        default=default_state_dir(os.environ, os.geteuid(),
+                                                  Path(os.path.expanduser("~"))),
+                        help="folder where webvirt keeps its USB rules (rules.sqlite3); created "
+                             "with mode 0700 if missing (default: $XDG_STATE_HOME/webvirt, else "
+                             "~/.local/state/webvirt; /var/lib/webvirt as root; here: "
+                             "%(default)s)")
     parser.add_argument("--max-connections-per-client", metavar="N", type=count,
                         default=connection_limits.DEFAULT_PER_CLIENT,
                         help="close further connections from an IP address that has N open "
@@ -120,16 +137,17 @@ async def serve(settings: Settings, address: str, port: int,
                 per_client: int | None) -> None:
     app = create_app(settings)
     runner = web.AppRunner(app, access_log_class=AccessLogger, **connection_limits.HTTP_LIMITS)
-    await runner.setup()
     loop = asyncio.get_running_loop()
     listener = None
     try:
+        # Inside: when a start-up step fails, cleanup() undoes the ones that had succeeded.
+        await runner.setup()
         assert runner.server is not None
         # loop.create_server rather than web.TCPSite, to count connections per client.
         listener = await loop.create_server(
             connection_limits.ClientGate(runner.server, per_client), address, port)
-        log.info("webvirt %s serving http://%s:%d (devices: %s)", __version__, address, port,
-                 settings.devices_dir.resolve())
+        log.info("webvirt %s serving http://%s:%d (devices: %s, state: %s)", __version__,
+                 address, port, settings.devices_dir.resolve(), settings.state_dir.resolve())
         if not settings.devices_dir.is_dir():
             log.warning("device template folder %s does not exist", settings.devices_dir)
         stop = asyncio.Event()
@@ -175,6 +193,7 @@ def run(args: argparse.Namespace) -> str | None:
         read_tokens=tuple(args.read_token),
         allowed_origins=tuple(origin.strip().rstrip("/") for origin in args.allow_origin),
         overlays_dir=args.overlays,
+        state_dir=args.state_dir,
     )
     if args.overlays is not None and not args.overlays.is_dir():
         return f"overlay folder {args.overlays} does not exist"

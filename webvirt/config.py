@@ -40,3 +40,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
     # The user's own overlay pages, served at /overlays/ (--overlays DIR); None: not served.
     overlays_dir: Path | None = None
+    # Where webvirt keeps what it must remember (the USB rules). No default here: whoever
+    # makes Settings says where (the command line's default is the user's state folder), so a
+    # test or a script never writes to the real one by accident.
+    state_dir: Path = field(kw_only=True)

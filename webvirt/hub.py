@@ -82,7 +82,7 @@ CATEGORIES: dict[str, frozenset[str]] = {
     # "state": a re-read found a state no lifecycle event announced (e.g. while disconnected).
     "lifecycle": frozenset({"lifecycle", "state", "reboot"}),
     "device": frozenset({"device-added", "device-removed", "device-removal-failed",
-                         "attach", "detach"}),
+                         "attach", "detach", "rule", "rule-changed"}),
     "host": frozenset({"node-device-added", "node-device-removed"}),
     "connection": frozenset({"connection"}),
 }

@@ -12,6 +12,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields
 from marshmallow.validate import Range, Regexp
 
 from webvirt.errors import ApiError
+from webvirt.rules import HEX_ID_PATTERN, PORT_PATTERN, SERIAL_MAX_LENGTH, SERIAL_PATTERN
 from webvirt.templates import TEMPLATE_NAME
 
 # libvirt takes names as C strings: its binding raises ValueError on a NUL.
@@ -69,6 +70,7 @@ def error_responses(*statuses: int) -> dict[int, dict[str, object]]:
         403: "Refused",
         404: "Unknown domain or template",
         409: "Wrong state, or libvirt refused",
+        415: "The body is not sent as JSON (Content-Type: application/json)",
         422: "libvirt rejected the device XML",
         501: "Not supported by the libvirt driver",
         503: "libvirt unreachable",
@@ -199,3 +201,59 @@ class TemplateInfo(Schema):
     variables = fields.List(fields.Str(), required=True,
                             metadata={"description": "Query parameters the template needs"})
     error = fields.Str(metadata={"description": "Why the template cannot be used"})
+
+
+def _hex_id(what: str, example: str) -> dict[str, object]:
+    return {"type": "string", "pattern": HEX_ID_PATTERN, "example": example,
+            "description": f"USB {what} id: 4 hexadecimal digits, optionally after 0x; "
+                           "kept in lower case without 0x"}
+
+
+# JSON Schema of a rule's match (webvirt/rules.py checks the same): exactly one of two shapes.
+MATCH_SHAPES: list[dict[str, object]] = [
+    {"type": "object", "title": "By USB ids", "required": ["vendor_id", "product_id"],
+     "additionalProperties": False,
+     "properties": {
+         "vendor_id": _hex_id("vendor", "046d"), "product_id": _hex_id("product", "c52b"),
+         "serial": {"type": "string", "pattern": SERIAL_PATTERN, "minLength": 1,
+                    "maxLength": SERIAL_MAX_LENGTH,
+                    "description": "Only the device with this serial number (compared as "
+                                   "given)"}}},
+    {"type": "object", "title": "By port", "required": ["port"], "additionalProperties": False,
+     "properties": {"port": {
+         "type": "string", "pattern": PORT_PATTERN, "example": "1-4.2",
+         "description": "Kernel USB port path, bus-port.port..., as in /sys/bus/usb/devices: "
+                        "whatever device is plugged in there"}}},
+]
+MATCH_DESCRIPTION = "Which host USB device: by vendor and product id (and serial), or by port"
+
+
+class RulePath(Schema):
+    id = fields.Str(required=True, validate=Regexp(r"^[0-9]{1,18}$", error="must be a rule id"),
+                    metadata={"description": "Rule id"})
+
+
+class RuleBody(Schema):
+    # No example: the fuzzer would take it, and a real domain for every {domain} it links to.
+    domain = fields.Str(required=True, validate=NO_NUL, metadata={
+        "description": "Domain name or UUID (kept as its name and UUID)"})
+    match = fields.Raw(required=True, metadata={"oneOf": MATCH_SHAPES,
+                                                "description": MATCH_DESCRIPTION})
+    enabled = fields.Bool(load_default=True, metadata={
+        "description": "Whether the rule acts (default true)"})
+    persistent = fields.Bool(load_default=False, metadata={
+        "description": "Also attach to the saved configuration (default false)"})
+
+
+class UsbRule(Schema):
+    id = fields.Int(required=True)
+    domain = fields.Str(required=True, metadata={"description": "Domain name"})
+    domain_uuid = fields.Str(required=True, metadata={
+        "description": "The domain's UUID when the rule was made or last replaced"})
+    match = fields.Raw(required=True, metadata={"oneOf": MATCH_SHAPES,
+                                                "description": MATCH_DESCRIPTION})
+    enabled = fields.Bool(required=True)
+    persistent = fields.Bool(required=True)
+    created = fields.Float(required=True, metadata={
+        "description": "Unix time it was made; of two rules that want one device, the older "
+                       "wins"})

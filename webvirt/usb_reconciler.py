@@ -36,7 +36,7 @@ from webvirt.errors import ApiError, Conflict
 from webvirt.host import Host
 from webvirt.host_devices import Description, read_node_devices
 from webvirt.hub import EventHub
-from webvirt.rules import Rule, UsbIdMatch, matches
+from webvirt.rules import Rule, matches
 
 log = logging.getLogger(__name__)
 BUSY_RETRY_S = 0.5  # a domain busy with another operation is tried again after this
