@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from webvirt.device_xml import (
     describe_node_device,
     has_device,
@@ -10,7 +12,7 @@ from webvirt.device_xml import (
     hostdevs,
     node_device,
 )
-from webvirt.host_devices import HostDevices, event_fields, reported
+from webvirt.host_devices import HostDevices, event_fields, is_local, read_serial, reported
 
 DOMAIN = """<domain><devices>
   <hostdev mode='subsystem' type='usb' managed='yes'>
@@ -122,3 +124,16 @@ def test_host_devices_tell_what_came_and_went_between_two_reads() -> None:
         "device": "usb_1_4_2", "device_type": "usb", "vendor_id": "056a",
         "vendor": "Wacom Co., Ltd", "product_id": "0000", "product": "PenPartner",
         "address": "1:5", "port": "1-4.2"}
+
+
+def test_a_usb_serial_is_read_from_sysfs_only_where_libvirt_runs_here(tmp_path: Path) -> None:
+    device_dir = tmp_path / "1-4.2"
+    device_dir.mkdir()
+    (device_dir / "serial").write_text("A1B2C3\n")
+    xml = USB_DEVICE.replace("/sys/devices/pci0000:00/0000:00:02.0/usb1/1-4/1-4.2",
+                             str(device_dir))
+    assert read_serial(xml) == "A1B2C3"
+    assert read_serial(USB_INTERFACE) is None  # no such file here
+    assert [is_local(u) for u in (None, "qemu:///system", "qemu+ssh://gamer@tower/system",
+                                  "qemu+tcp://127.0.0.1:16509/system")] == [
+        True, True, False, False]

@@ -133,12 +133,12 @@ async def list_templates(request: web.Request) -> web.Response:
     return web.json_response(listing)
 
 
-def host_inventory(conn: libvirt.virConnect) -> list[dict[str, Any]]:
+def host_inventory(conn: libvirt.virConnect, local: bool) -> list[dict[str, Any]]:
     """Blocking: host USB and PCI devices, each with the running domains that hold it now
     (their live definition) and the domains whose saved definition names it."""
     flags = (libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_USB_DEV
              | libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV)
-    devices = [d for d in read_node_devices(conn, flags) if d["type"] in ("usb", "pci")]
+    devices = [d for d in read_node_devices(conn, flags, local) if d["type"] in ("usb", "pci")]
     held, configured = [], []
     for dom in conn.listAllDomains():
         if dom.isActive():
@@ -163,4 +163,5 @@ def host_inventory(conn: libvirt.virConnect) -> list[dict[str, Any]]:
                **error_responses(501, 503, 504)},
 )
 async def host_devices(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[HOST].call(host_inventory))
+    host = request.app[HOST]
+    return web.json_response(await host.call(partial(host_inventory, local=host.local)))

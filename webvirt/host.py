@@ -33,6 +33,7 @@ from webvirt.errors import (
 from webvirt.host_devices import (
     HostDevices,
     event_fields,
+    is_local,
     read_node_device,
     read_node_devices,
     reported,
@@ -64,6 +65,7 @@ class Host:
         self.connected_uri = "?"  # the URI libvirt resolved, for logs and events
         self.cache = DomainCache()
         self.devices = HostDevices()
+        self.local = is_local(uri)  # USB serial numbers can be read from sysfs
         # Node-device events in arrival order: an added device is read before it is told,
         # and its removal must not overtake that.
         self._device_events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
@@ -291,7 +293,8 @@ class Host:
             async with self._devices_lock:
                 if kind == "node-device-added":
                     try:
-                        description = await self.call(partial(read_node_device, name=name))
+                        description = await self.call(partial(read_node_device, name=name,
+                                                                  local=self.local))
                     except ApiError as err:  # a lost connection re-reads them all
                         log.debug("reading node device %s failed: %s", name, err.detail)
                         continue
@@ -310,7 +313,7 @@ class Host:
         """Re-read every node device; after an outage, tell what came and went meanwhile."""
         async with self._devices_lock:
             try:
-                descriptions = await self.call(read_node_devices)
+                descriptions = await self.call(partial(read_node_devices, local=self.local))
             except ApiError as err:
                 if err.status != 501:
                     raise

@@ -3,7 +3,10 @@ device can no longer be read), and what the reconciler matches against."""
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import libvirt
 
@@ -62,23 +65,51 @@ def event_fields(description: Description) -> dict[str, Any]:
 
 # Blocking helpers; each runs on a connection's thread.
 
-def read_node_device(conn: libvirt.virConnect, name: str) -> Description | None:
-    """None when it is gone again already."""
+def is_local(uri: str | None) -> bool:
+    """Whether libvirt at this URI runs on this machine (its sysfs is ours to read): only a URI
+    without a host says so (a loopback address may be forwarded elsewhere, as in the USB lab)."""
+    return uri is None or not urlsplit(uri).hostname
+
+
+def read_serial(xml: str) -> str | None:
+    """A USB device's serial number from sysfs (libvirt's node-device XML has none): only
+    for a libvirt on this machine, and not every device has one."""
+    path = ET.fromstring(xml).findtext("path")
+    if not path or not path.startswith("/"):
+        return None
     try:
-        return device_xml.describe_node_device(conn.nodeDeviceLookupByName(name).XMLDesc())
+        serial = (Path(path) / "serial").read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return serial or None
+
+
+def _describe(xml: str, local: bool) -> Description:
+    description = device_xml.describe_node_device(xml)
+    if description["type"] == "usb":
+        description["serial"] = read_serial(xml) if local else None
+    return description
+
+
+def read_node_device(conn: libvirt.virConnect, name: str, local: bool = False
+                     ) -> Description | None:
+    """None when it is gone again already. `local`: see is_local."""
+    try:
+        return _describe(conn.nodeDeviceLookupByName(name).XMLDesc(), local)
     except libvirt.libvirtError as err:
         if err.get_error_code() == libvirt.VIR_ERR_NO_NODE_DEVICE:
             return None
         raise
 
 
-def read_node_devices(conn: libvirt.virConnect, flags: int = 0) -> list[Description]:
+def read_node_devices(conn: libvirt.virConnect, flags: int = 0, local: bool = False
+                      ) -> list[Description]:
     """Every node device (or those of the capabilities in `flags`); one unplugged while
     listed is left out."""
     descriptions = []
     for device in conn.listAllDevices(flags):
         try:
-            descriptions.append(device_xml.describe_node_device(device.XMLDesc()))
+            descriptions.append(_describe(device.XMLDesc(), local))
         except libvirt.libvirtError as err:
             if err.get_error_code() != libvirt.VIR_ERR_NO_NODE_DEVICE:
                 raise

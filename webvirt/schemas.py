@@ -189,6 +189,9 @@ class NodeDevice(Schema):
         "description": "USB bus:device (changes at every plug) or PCI address"})
     port = fields.Str(allow_none=True, metadata={
         "description": "USB only: the port path as the kernel names it, e.g. 1-4.2"})
+    serial = fields.Str(allow_none=True, metadata={
+        "description": "USB only: the serial number, where known (read from sysfs when "
+                       "libvirt runs on this machine; libvirt itself does not report it)"})
     iommu_group = fields.Int(allow_none=True, metadata={"description": "PCI only"})
     held_by = fields.List(fields.Str(), required=True, metadata={
         "description": "Running domains that hold it now"})

@@ -126,8 +126,8 @@ def _by_younger_rule(holder: Holder, device: Description, rule: Rule,
 
 
 class UsbReconciler:
-    __slots__ = ("_attempts", "_pending", "_reported", "_stop_listening", "_task", "_waiting",
-                 "host", "hub", "passes", "rules")
+    __slots__ = ("_attempts", "_pending", "_reported", "_saved", "_stop_listening", "_task",
+                 "_waiting", "host", "hub", "passes", "rules")
 
     def __init__(self, host: Host, hub: EventHub, rules: RuleSource | None = None):
         self.host = host
@@ -140,6 +140,7 @@ class UsbReconciler:
         # (rule id, device address) -> failed attaches so far; and losses already reported.
         self._attempts: dict[tuple[int, str], int] = {}
         self._reported: set[tuple[int, str]] = set()
+        self._saved: set[tuple[int, str]] = set()  # persistent rules' devices saved
         self._stop_listening = hub.listen(self._on_event)
         if rules is not None:
             rules.listeners.append(self._on_rule_change)
@@ -200,7 +201,7 @@ class UsbReconciler:
                 return
 
     async def _pass(self) -> None:
-        world = await self.host.call(read_usb_world)
+        world = await self.host.call(partial(read_usb_world, local=self.host.local))
         if world.stale:
             await asyncio.sleep(SETTLE_S)
             for item in world.stale:
@@ -212,6 +213,8 @@ class UsbReconciler:
                 await self._attach(decision)
             elif decision.action == "lost":
                 self._report_loss(decision)
+            elif decision.rule.persistent:
+                await self._save(decision)
 
     # Rules.
 
@@ -243,9 +246,25 @@ class UsbReconciler:
                 self._publish(rule, device, "attach", result="error", error=err.detail)
             return
         self._attempts.pop(key, None)
+        if rule.persistent:
+            self._saved.add(key)
         log.info("rule %d: attached %s (%s:%s, port %s) to %s", rule.id, device["name"],
                  device["vendor_id"], device["product_id"], device["port"], rule.domain)
         self._publish(rule, device, "attach", result="ok")
+
+    async def _save(self, decision: Decision) -> None:
+        """A persistent rule's device, held already (e.g. an attach whose saving failed, or a
+        rule made persistent later), goes into the saved definition too: once per plug."""
+        rule, device = decision.rule, decision.device
+        key = (rule.id, device["address"])
+        if key in self._saved:
+            return
+        try:
+            await self.host.call(partial(save_usb, uuid=rule.domain_uuid, device=device))
+        except ApiError as err:
+            log.warning("rule %d: could not save %s in %s's definition: %s", rule.id,
+                        device["name"], rule.domain, err.detail)
+        self._saved.add(key)  # tried: not again at every pass
 
     def _report_loss(self, decision: Decision) -> None:
         rule, device, holder = decision.rule, decision.device, decision.other
@@ -297,13 +316,13 @@ class UsbReconciler:
 
 # Blocking helpers; each runs on a connection's thread.
 
-def present_usb_devices(conn: libvirt.virConnect) -> list[Description]:
+def present_usb_devices(conn: libvirt.virConnect, local: bool = False) -> list[Description]:
     flags = libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_USB_DEV
-    return [d for d in read_node_devices(conn, flags) if d["type"] == "usb"]
+    return [d for d in read_node_devices(conn, flags, local) if d["type"] == "usb"]
 
 
-def read_usb_world(conn: libvirt.virConnect) -> UsbWorld:
-    devices = present_usb_devices(conn)
+def read_usb_world(conn: libvirt.virConnect, local: bool) -> UsbWorld:
+    devices = present_usb_devices(conn, local)
     present = {d["address"] for d in devices}
     running: dict[str, str] = {}
     held: dict[str, Holder] = {}
@@ -339,15 +358,20 @@ def usb_hostdev_xml(device: Description, *, address: bool = True) -> str:
 def attach_usb(conn: libvirt.virConnect, uuid: str, device: Description,
                persistent: bool) -> None:
     dom = conn.lookupByUUIDString(uuid)
-    live = dom.XMLDesc()
-    if any(h["type"] == "usb" and h["address"] == device["address"]
-           for h in device_xml.hostdevs(live)):
-        return  # never twice
-    dom.attachDeviceFlags(usb_hostdev_xml(device), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    if persistent and dom.isPersistent():
-        saved = usb_hostdev_xml(device, address=False)
-        if not device_xml.has_device(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), saved):
-            dom.attachDeviceFlags(saved, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    if not any(h["type"] == "usb" and h["address"] == device["address"]
+               for h in device_xml.hostdevs(dom.XMLDesc())):  # never twice
+        dom.attachDeviceFlags(usb_hostdev_xml(device), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    if persistent:
+        save_usb(conn, uuid, device)
+
+
+def save_usb(conn: libvirt.virConnect, uuid: str, device: Description) -> None:
+    """Into the saved definition (of a persistent domain), unless it names the device."""
+    dom = conn.lookupByUUIDString(uuid)
+    saved = usb_hostdev_xml(device, address=False)
+    if dom.isPersistent() and not device_xml.has_device(
+            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), saved):
+        dom.attachDeviceFlags(saved, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
 
 
 def detach_usb(conn: libvirt.virConnect, uuid: str, address: str) -> None:
