@@ -300,7 +300,7 @@ class Lab:
             "qemu-system-x86_64", "-name", "webvirt-usb-lab", "-nodefaults", "-display", "none",
             "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "1024",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd),
-            "-append", "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0",
+            "-append", "root=/dev/vda rw console=ttyS0 quiet systemd.show_status=0 panic=-1",
             "-drive", f"file={overlay},if=virtio,format=qcow2,cache=unsafe",
             "-device", "qemu-xhci,id=xhci,p2=8,p3=8",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:16509",
