@@ -199,9 +199,13 @@ class UsbReconciler:
             except ApiError as err:
                 log.warning("USB reconciliation failed: %s", err.detail)
                 return
+            except Exception:  # a bug here must not end reconciling for good
+                log.exception("USB reconciliation failed")
+                return
 
     async def _pass(self) -> None:
         world = await self.host.call(partial(read_usb_world, local=self.host.local))
+        self._forget_unplugged({d["address"] for d in world.devices})
         if world.stale:
             await asyncio.sleep(SETTLE_S)
             for item in world.stale:
@@ -215,6 +219,13 @@ class UsbReconciler:
                 self._report_loss(decision)
             elif decision.rule.persistent:
                 await self._save(decision)
+
+    def _forget_unplugged(self, present: set[str]) -> None:
+        """What is kept per (rule, device address) ends with the plug: a replug is a new
+        address, so nothing here grows over weeks of plugs."""
+        self._attempts = {k: v for k, v in self._attempts.items() if k[1] in present}
+        self._reported = {k for k in self._reported if k[1] in present}
+        self._saved = {k for k in self._saved if k[1] in present}
 
     # Rules.
 
@@ -337,7 +348,8 @@ def read_usb_world(conn: libvirt.virConnect, local: bool) -> UsbWorld:
                 held[hostdev["address"]] = Holder(uuid, name)
             elif hostdev["alias"]:
                 stale.append(StaleHostdev(uuid, name, hostdev))
-    passable = [d for d in devices if d["port"] is not None]  # not a root hub
+    # libvirt names a root hub usb_usbN (the kernel's usbN): it cannot be passed through.
+    passable = [d for d in devices if not d["name"].startswith("usb_usb")]
     return UsbWorld(passable, running, held, stale)
 
 
