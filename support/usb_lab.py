@@ -293,8 +293,8 @@ class Lab:
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         overlay = run_dir / "overlay.qcow2"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b",
-                        str(image.disk), str(overlay)], check=True)
+        _run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk),
+              str(overlay)], run_dir / "qemu.log", "qemu-img create (the overlay)")
         port, qmp, console = _free_port(), run_dir / "qmp.sock", run_dir / "console.log"
         command = [
             "qemu-system-x86_64", "-name", "webvirt-usb-lab", "-nodefaults", "-display", "none",
@@ -354,9 +354,12 @@ class Lab:
             state = LabState(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
             return None
+        # Its QEMU, not whatever process got that pid after it died without `down`.
         try:
-            os.kill(state.pid, 0)
-        except ProcessLookupError:
+            command_line = Path(f"/proc/{state.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if f"unix:{state.qmp},server=on,wait=off".encode() not in command_line:
             return None
         return cls(state)
 
@@ -381,9 +384,8 @@ class Lab:
         if _alive(self.state.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.state.pid, 9)
-        with contextlib.suppress(OSError):
-            (Path(self.state.run_dir) / "overlay.qcow2").unlink()
-            (Path(self.state.run_dir) / "lab.json").unlink()
+        for name in ("overlay.qcow2", "lab.json"):
+            (Path(self.state.run_dir) / name).unlink(missing_ok=True)
 
     # Plugging.
 
@@ -410,7 +412,11 @@ class Lab:
         if kind not in DEVICES:
             raise LabError(f"unknown device {kind!r}; one of: {', '.join(DEVICES)}")
         spec = DEVICES[kind]
-        device_id = device_id or f"{kind}{len(self.state.plugged) + 1}"
+        if device_id is None:
+            number = 1
+            while f"{kind}{number}" in self.state.plugged:
+                number += 1
+            device_id = f"{kind}{number}"
         if device_id in self.state.plugged:
             raise LabError(f"{device_id} is plugged already")
         arguments: dict[str, Any] = {"driver": spec["driver"], "id": device_id, "bus": "xhci.0"}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -165,9 +166,28 @@ def usb_lab(usb_lab_host: Lab) -> Iterator[Lab]:
     """The lab as every test finds it: nothing plugged, lab-guest running and holding no
     host device."""
     yield usb_lab_host
-    for device_id in list(usb_lab_host.state.plugged):
-        usb_lab_host.unplug(device_id)
-    conn = libvirt.open(usb_lab_host.uri)
+    # Bounded (a frozen lab host must not hang the run): in a thread of its own, given 60 s.
+    errors: list[BaseException] = []
+
+    def reset() -> None:
+        try:
+            reset_lab(usb_lab_host)
+        except BaseException as err:
+            errors.append(err)
+
+    resetter = threading.Thread(target=reset, daemon=True)
+    resetter.start()
+    resetter.join(60)
+    if resetter.is_alive():
+        pytest.fail("the USB lab did not come back to its start within 60 s", pytrace=False)
+    if errors:
+        raise errors[0]
+
+
+def reset_lab(lab: Lab) -> None:
+    for device_id in list(lab.state.plugged):
+        lab.unplug(device_id)
+    conn = libvirt.open(lab.uri)
     try:
         guest = conn.lookupByName(GUEST_NAME)
         if not guest.isActive():

@@ -57,6 +57,7 @@ BAD_BODIES: list[tuple[Any, str]] = [
     ({"domain": "win11", "match": IDS, "enabled": "yes"}, "enabled: must be true or false"),
     ({"domain": "win11", "match": IDS, "enabled": 1}, "enabled: must be true or false"),
     ({"domain": "win11", "match": IDS, "persistent": None}, "persistent: must be true or false"),
+    ({"domain": "win11", "match": IDS, "persistent": True}, "persistent: not supported"),
 ]
 
 
@@ -76,8 +77,8 @@ def test_ids_are_kept_in_lower_case_without_0x() -> None:
 
 def test_a_full_body() -> None:
     spec = parse_rule_body({"domain": "win11", "match": {**IDS, "serial": "ABC123"},
-                            "enabled": False, "persistent": True})
-    assert spec == RuleSpec("win11", UsbIdMatch("046d", "c52b", "ABC123"), False, True)
+                            "enabled": False, "persistent": False})
+    assert spec == RuleSpec("win11", UsbIdMatch("046d", "c52b", "ABC123"), False, False)
     assert spec.match.as_dict() == {**IDS, "serial": "ABC123"}
 
 
@@ -103,9 +104,10 @@ def test_a_match_by_ids_ignores_the_port_and_the_serial_unless_it_names_one() ->
     assert not matches(with_serial, {**RECEIVER, "serial": None})
 
 
-def test_the_older_rule_comes_first_and_the_id_settles_a_tie() -> None:
+def test_the_older_rule_is_the_one_made_first_whatever_the_clock_said() -> None:
     def rule(rule_id: int, created: float) -> Rule:
         return Rule(rule_id, "win11", "uuid", PortMatch("1-4"), created=created)
 
-    rules = [rule(3, 10.0), rule(1, 20.0), rule(2, 10.0)]
-    assert [r.id for r in sorted(rules, key=lambda r: r.seniority)] == [2, 3, 1]
+    # Rule 3 was made last, after the clock had been stepped back.
+    rules = [rule(3, 10.0), rule(1, 20.0), rule(2, 15.0)]
+    assert [r.id for r in sorted(rules, key=lambda r: r.seniority)] == [1, 2, 3]

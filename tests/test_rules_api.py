@@ -54,10 +54,9 @@ async def test_create_read_replace_delete(client: TestClient) -> None:
 
     # A whole new rule under the same id and age; the domain by UUID is kept by name.
     replaced = await send(client, "PUT", path, {
-        "domain": WIN11_UUID, "match": {"port": "1-4.2"}, "enabled": False,
-        "persistent": True}, 200)
+        "domain": WIN11_UUID, "match": {"port": "1-4.2"}, "enabled": False}, 200)
     assert replaced == {"id": rule["id"], "domain": "win11", "domain_uuid": WIN11_UUID,
-                        "match": {"port": "1-4.2"}, "enabled": False, "persistent": True,
+                        "match": {"port": "1-4.2"}, "enabled": False, "persistent": False,
                         "created": created}
     assert await get_json(client, path) == replaced
 
@@ -179,7 +178,7 @@ async def test_rules_outlive_a_restart(make_client: ClientFactory, tmp_path: Pat
     state = tmp_path / "kept"
     first = await make_client(state_dir=state)
     rule = await send(first, "POST", "/api/0/rules", {
-        "domain": "win11", "match": {**RECEIVER, "serial": "ABC"}, "persistent": True}, 201)
+        "domain": "win11", "match": {**RECEIVER, "serial": "ABC"}, "enabled": False}, 201)
     await first.close()
     second = await make_client(state_dir=state)
     assert await get_json(second, "/api/0/rules") == [rule]

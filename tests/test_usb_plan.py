@@ -76,10 +76,28 @@ def test_a_device_held_by_hand_is_never_taken() -> None:
         (1, "usb_1_2", "lost", "linux")]
 
 
-def test_the_attached_hostdev_names_ids_and_address_the_saved_one_only_ids() -> None:
+def test_the_attached_hostdev_names_ids_and_address() -> None:
     assert usb_hostdev_xml(MOUSE) == (
         "<hostdev mode='subsystem' type='usb' managed='yes'><source><vendor id=\"0x046d\"/>"
         "<product id=\"0xc52b\"/><address bus=\"1\" device=\"5\"/></source></hostdev>")
-    assert usb_hostdev_xml(MOUSE, address=False) == (
-        "<hostdev mode='subsystem' type='usb' managed='yes'><source startupPolicy='optional'>"
-        "<vendor id=\"0x046d\"/><product id=\"0xc52b\"/></source></hostdev>")
+
+
+def test_a_rule_that_gave_up_on_a_device_lets_a_younger_one_have_it() -> None:
+    older, younger = rule(1, LINUX, PortMatch("1-2")), rule(2, WIN, UsbIdMatch("046d", "c52b"))
+    assert summary(plan([older, younger], world(MOUSE), frozenset({(1, "1:5")}))) == [
+        (2, "usb_1_2", "attach", None)]
+
+
+def test_the_loser_is_told_which_older_rule_won() -> None:
+    older, younger = rule(1, LINUX, PortMatch("1-2")), rule(2, WIN, UsbIdMatch("046d", "c52b"))
+    lost = plan([older, younger], world(MOUSE))[1]
+    assert (lost.action, lost.other, lost.winner) == ("lost", LINUX, older)
+    # Held by hand: no winner rule, the holder is named.
+    held = plan([younger], world(MOUSE, held={"1:5": LINUX}))[0]
+    assert (held.action, held.other, held.winner) == ("lost", LINUX, None)
+
+
+def test_the_rule_made_first_is_the_older_whatever_the_clock_said() -> None:
+    first, second = rule(1, LINUX, UsbIdMatch("046d", "c52b"), created=2_000_000.0), rule(
+        2, WIN, UsbIdMatch("046d", "c52b"), created=1_000_000.0)
+    assert summary(plan([first, second], world(MOUSE)))[0] == (1, "usb_1_2", "attach", None)

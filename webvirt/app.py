@@ -63,7 +63,7 @@ async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
 
 async def usb_reconciler(app: web.Application) -> AsyncIterator[None]:
     app[USB_RECONCILER] = reconciler = UsbReconciler(app[HOST], app[EVENT_HUB], app[RULES])
-    reconciler.wake()  # stale entries left from before webvirt started
+    reconciler.start()
     yield
     await reconciler.close()
 

@@ -71,6 +71,9 @@ def hostdevs(domain_xml: str) -> list[dict[str, Any]]:
             entry |= {"vendor_id": _id_text(source.find("vendor")),
                       "product_id": _id_text(source.find("product"))}
         entry["address"] = _address_key(kind, source.find("address"))
+        if source.get("missing") == "yes":
+            # A startupPolicy='optional' device that was absent at start: a placeholder.
+            entry["missing"] = True
         devices.append(entry)
     return devices
 
@@ -120,13 +123,17 @@ def _id_text(element: ET.Element | None) -> str | None:
 def holds(hostdev: dict[str, Any], device: dict[str, Any]) -> bool:
     """Whether a domain's hostdev entry is this host device. A running domain's USB hostdev
     names the bus/device address it took, and a replugged device gets a new address: where the
-    address is known it decides, so a stale entry does not hold the replugged device."""
-    if hostdev["type"] != device["type"]:
+    address is known it decides (with the ids, when the entry names them: device numbers
+    wrap, and a stale entry's address may come to another device). A placeholder for a device
+    that was missing at start holds nothing."""
+    if hostdev["type"] != device["type"] or hostdev.get("missing"):
         return False
+    same_ids = (hostdev.get("vendor_id"), hostdev.get("product_id")) == (
+        device.get("vendor_id"), device.get("product_id"))
     if device["type"] == "pci" or hostdev.get("address"):
-        return hostdev["address"] is not None and hostdev["address"] == device["address"]
-    return bool(hostdev.get("vendor_id") and hostdev.get("product_id")) and (
-        hostdev["vendor_id"], hostdev["product_id"]) == (device["vendor_id"], device["product_id"])
+        return (hostdev["address"] is not None and hostdev["address"] == device["address"]
+                and (device["type"] == "pci" or not hostdev.get("vendor_id") or same_ids))
+    return bool(hostdev.get("vendor_id") and hostdev.get("product_id")) and same_ids
 
 
 def has_device(domain_xml: str, device_xml: str) -> bool:

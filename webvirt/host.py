@@ -111,6 +111,8 @@ class Host:
         try:
             uris = await asyncio.gather(*(c.open(open_seconds) for c in connections))
             self.connected_uri = uris[0]
+            # The URI libvirt chose (e.g. from LIBVIRT_DEFAULT_URI) says where it runs.
+            self.local = is_local(self.connected_uri)
             events = connections[0]
             loop = asyncio.get_running_loop()
             await events.call(lambda conn: register(

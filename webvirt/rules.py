@@ -80,8 +80,9 @@ class RuleSpec:
 @dataclass(frozen=True, slots=True)
 class Rule:
     """A kept rule. `domain` is the domain's name, `domain_uuid` what it meant when the rule
-    was made or last replaced (it outlives a rename). `persistent`: attach to the saved
-    configuration too. Of two rules that want one device, the older wins: see `seniority`."""
+    was made or last replaced (it outlives a rename). `persistent` is kept for a later
+    version and always false (see parse_rule_body). Of two rules that want one device, the
+    older wins: see `seniority`."""
 
     id: int
     domain: str
@@ -92,9 +93,10 @@ class Rule:
     created: float = field(default_factory=time.time)
 
     @property
-    def seniority(self) -> tuple[float, int]:
-        """Sorts the older rule first; the id settles a tie (ids only grow)."""
-        return (self.created, self.id)
+    def seniority(self) -> int:
+        """Sorts the older rule first: by id, which only grows (the wall clock may step
+        back, e.g. after an NTP correction or on a board without a clock)."""
+        return self.id
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "domain": self.domain, "domain_uuid": self.domain_uuid,
@@ -115,9 +117,16 @@ def parse_rule_body(body: object) -> RuleSpec:
     if not isinstance(domain, str) or not _DOMAIN.fullmatch(domain) or not _is_text(domain):
         raise RuleError("domain: must be the domain's name or UUID: non-empty text without "
                         "NUL characters")
+    if _flag(body, "persistent", False):
+        # A USB hostdev in the saved definition is claimed by libvirt at start: the VM then
+        # fails to start while another VM holds the device, or when two alike devices are
+        # plugged, and libvirt cannot save a port at all. The reconciler attaches at every
+        # start instead.
+        raise RuleError("persistent: not supported: webvirt attaches the device at every "
+                        "start of the VM; saved in its definition, the device would keep the "
+                        "VM from starting while another VM holds it")
     return RuleSpec(domain=domain, match=parse_match(body["match"]),
-                    enabled=_flag(body, "enabled", True),
-                    persistent=_flag(body, "persistent", False))
+                    enabled=_flag(body, "enabled", True))
 
 
 def parse_match(value: object) -> Match:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Literal, Protocol
@@ -45,6 +45,10 @@ BUSY_RETRY_S = 0.5  # a domain busy with another operation is tried again after 
 SETTLE_S = 1.0
 ATTACH_ATTEMPTS = 6
 ATTACH_RETRY_S = 0.5
+FAILED_PASS_RETRY_S = 2.0
+# Lifecycle events after which rules may want something else.
+LIFECYCLE_WAKES = frozenset({"started", "resumed", "stopped", "shutdown", "crashed",
+                             "undefined"})
 
 
 class RuleSource(Protocol):
@@ -87,33 +91,42 @@ class Decision:
     action: Literal["attach", "keep", "lost"]
     # attach: the domain of a younger rule it is taken from; lost: the domain that has it.
     other: Holder | None = None
+    # lost: the older rule that gets it in this pass (None: `other` holds it already).
+    winner: Rule | None = None
 
 
-def plan(rules: Sequence[Rule], world: UsbWorld) -> list[Decision]:
-    """Pure: what each enabled rule of a running domain gets, the older rule first."""
+def plan(rules: Sequence[Rule], world: UsbWorld,
+         given_up: frozenset[tuple[int, str]] = frozenset()) -> list[Decision]:
+    """Pure: what each enabled rule of a running domain gets, the older rule first. A rule
+    that gave up on a device (libvirt refused it again and again) claims it no more, so a
+    younger rule may have it."""
     enabled = sorted((r for r in rules if r.enabled), key=lambda r: r.seniority)
     decisions: list[Decision] = []
-    claimed: dict[str, Holder] = {}  # address -> who has it after this pass
+    claimed: dict[str, tuple[Holder, Rule]] = {}  # address -> who gets it in this pass
     for rule in enabled:
         if rule.domain_uuid not in world.running:
             continue
         me = Holder(rule.domain_uuid, world.running[rule.domain_uuid])
         for device in world.devices:
-            if not matches(rule.match, device):
-                continue
             address = device["address"]
-            holder = claimed.get(address) or world.held.get(address)
+            if not matches(rule.match, device) or (rule.id, address) in given_up:
+                continue
+            if address in claimed:
+                taker, winner = claimed[address]
+                if taker.uuid != me.uuid:
+                    decisions.append(Decision(rule, device, "lost", taker, winner))
+                continue
+            holder = world.held.get(address)
             if holder is None:
                 decisions.append(Decision(rule, device, "attach"))
             elif holder.uuid == me.uuid:
                 decisions.append(Decision(rule, device, "keep"))
-            elif address not in claimed and _by_younger_rule(holder, device, rule, enabled):
+            elif _by_younger_rule(holder, device, rule, enabled):
                 decisions.append(Decision(rule, device, "attach", other=holder))
             else:
                 decisions.append(Decision(rule, device, "lost", other=holder))
-                claimed[address] = holder
                 continue
-            claimed[address] = me
+            claimed[address] = (me, rule)
     return decisions
 
 
@@ -126,8 +139,8 @@ def _by_younger_rule(holder: Holder, device: Description, rule: Rule,
 
 
 class UsbReconciler:
-    __slots__ = ("_attempts", "_pending", "_reported", "_saved", "_stop_listening", "_task",
-                 "_waiting", "host", "hub", "passes", "rules")
+    __slots__ = ("_attempts", "_pending", "_periodic", "_reported", "_rule_domains",
+                 "_stop_listening", "_task", "_waiting", "host", "hub", "passes", "rules")
 
     def __init__(self, host: Host, hub: EventHub, rules: RuleSource | None = None):
         self.host = host
@@ -135,26 +148,50 @@ class UsbReconciler:
         self.rules = rules
         self._pending = False
         self._task: asyncio.Task[None] | None = None
+        self._periodic: asyncio.Task[None] | None = None
         self._waiting: set[asyncio.TimerHandle] = set()  # passes asked for later (retries)
         self.passes = 0  # passes done, for tests and logs
         # (rule id, device address) -> failed attaches so far; and losses already reported.
+        # Kept per plug: a replug is a new address (see _forget_unplugged).
         self._attempts: dict[tuple[int, str], int] = {}
         self._reported: set[tuple[int, str]] = set()
-        self._saved: set[tuple[int, str]] = set()  # persistent rules' devices saved
+        self._rule_domains: dict[int, str] = {}  # rule id -> domain UUID, as last read
         self._stop_listening = hub.listen(self._on_event)
         if rules is not None:
             rules.listeners.append(self._on_rule_change)
 
+    def start(self) -> None:
+        """A first pass (stale entries and unmet rules from before webvirt started), then one
+        every reconcile_s as a safety net under the events."""
+        self.wake()
+        self._periodic = asyncio.get_running_loop().create_task(self._every_while())
+
+    async def _every_while(self) -> None:
+        while True:
+            await asyncio.sleep(self.host.reconcile_s)
+            self.wake()
+
     def _on_event(self, event: dict[str, Any]) -> None:
         kind = event["type"]
+        if kind == "lifecycle" and event.get("event") == "started":
+            self._fresh_start(lambda key: self._rule_domains.get(key[0]) == event.get("uuid"))
         if ((kind in ("node-device-added", "node-device-removed")
              and event.get("device_type") == "usb")
                 or (kind == "connection" and event.get("state") == "restored")
-                or (kind == "lifecycle" and event.get("event") in ("started", "resumed"))):
+                # A start wants devices; a stop frees what a younger rule may have now.
+                or kind == "state"
+                or (kind == "lifecycle" and event.get("event") in LIFECYCLE_WAKES)):
             self.wake()
 
-    def _on_rule_change(self, _change: str, _rule: Rule) -> None:
+    def _on_rule_change(self, _change: str, rule: Rule) -> None:
+        self._fresh_start(lambda key: key[0] == rule.id)
         self.wake()
+
+    def _fresh_start(self, forget: Callable[[tuple[int, str]], bool]) -> None:
+        """A domain that starts, or a rule that changes, gets a new budget of attempts, and
+        its failures are reported again."""
+        self._attempts = {k: v for k, v in self._attempts.items() if not forget(k)}
+        self._reported = {k for k in self._reported if not forget(k)}
 
     def wake(self) -> None:
         """Asks for a pass; passes asked for while one runs are done as one more."""
@@ -183,10 +220,11 @@ class UsbReconciler:
         if self.rules is not None:
             with contextlib.suppress(ValueError):
                 self.rules.listeners.remove(self._on_rule_change)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._periodic):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def _run(self) -> None:
         while self._pending:
@@ -197,11 +235,15 @@ class UsbReconciler:
                 await self._pass()
                 self.passes += 1
             except ApiError as err:
-                log.warning("USB reconciliation failed: %s", err.detail)
-                return
+                log.warning("USB reconciliation failed: %s; trying again", err.detail)
             except Exception:  # a bug here must not end reconciling for good
-                log.exception("USB reconciliation failed")
-                return
+                log.exception("USB reconciliation failed; trying again")
+            else:
+                continue
+            # What asked for this pass, and whatever came during it, is not lost.
+            self._pending = False
+            self._wake_later(FAILED_PASS_RETRY_S)
+            return
 
     async def _pass(self) -> None:
         world = await self.host.call(partial(read_usb_world, local=self.host.local))
@@ -212,20 +254,19 @@ class UsbReconciler:
                 await self._detach_stale(item)
         if self.rules is None:
             return
-        for decision in plan(await self.rules.list(), world):
+        rules = await self.rules.list()
+        self._rule_domains = {r.id: r.domain_uuid for r in rules}
+        given_up = frozenset(k for k, n in self._attempts.items() if n >= ATTACH_ATTEMPTS)
+        for decision in plan(rules, world, given_up):
             if decision.action == "attach":
                 await self._attach(decision)
             elif decision.action == "lost":
                 self._report_loss(decision)
-            elif decision.rule.persistent:
-                await self._save(decision)
 
     def _forget_unplugged(self, present: set[str]) -> None:
         """What is kept per (rule, device address) ends with the plug: a replug is a new
         address, so nothing here grows over weeks of plugs."""
-        self._attempts = {k: v for k, v in self._attempts.items() if k[1] in present}
-        self._reported = {k for k in self._reported if k[1] in present}
-        self._saved = {k for k in self._saved if k[1] in present}
+        self._fresh_start(lambda key: key[1] not in present)
 
     # Rules.
 
@@ -240,8 +281,7 @@ class UsbReconciler:
                                                  address=device["address"]))
                     self._publish(rule, device, "detach", domain=taken_from, result="ok",
                                   reason=f"rule {rule.id} of {rule.domain} is older")
-                await self.host.call(partial(attach_usb, uuid=rule.domain_uuid, device=device,
-                                             persistent=rule.persistent))
+                await self.host.call(partial(attach_usb, uuid=rule.domain_uuid, device=device))
         except Conflict:
             self._wake_later(BUSY_RETRY_S)
             return
@@ -251,31 +291,16 @@ class UsbReconciler:
                 log.debug("rule %d: attach %s failed (%s); trying again", rule.id,
                           device["name"], err.detail)
                 self._wake_later(ATTACH_RETRY_S)
-            elif attempts == ATTACH_ATTEMPTS:
+            else:
                 log.warning("rule %d: could not attach %s to %s: %s", rule.id, device["name"],
                             rule.domain, err.detail)
                 self._publish(rule, device, "attach", result="error", error=err.detail)
+                self.wake()  # a younger rule may have it now
             return
         self._attempts.pop(key, None)
-        if rule.persistent:
-            self._saved.add(key)
         log.info("rule %d: attached %s (%s:%s, port %s) to %s", rule.id, device["name"],
                  device["vendor_id"], device["product_id"], device["port"], rule.domain)
         self._publish(rule, device, "attach", result="ok")
-
-    async def _save(self, decision: Decision) -> None:
-        """A persistent rule's device, held already (e.g. an attach whose saving failed, or a
-        rule made persistent later), goes into the saved definition too: once per plug."""
-        rule, device = decision.rule, decision.device
-        key = (rule.id, device["address"])
-        if key in self._saved:
-            return
-        try:
-            await self.host.call(partial(save_usb, uuid=rule.domain_uuid, device=device))
-        except ApiError as err:
-            log.warning("rule %d: could not save %s in %s's definition: %s", rule.id,
-                        device["name"], rule.domain, err.detail)
-        self._saved.add(key)  # tried: not again at every pass
 
     def _report_loss(self, decision: Decision) -> None:
         rule, device, holder = decision.rule, decision.device, decision.other
@@ -284,7 +309,11 @@ class UsbReconciler:
         if key in self._reported:
             return
         self._reported.add(key)
-        error = f"{device['name']} is held by {holder.domain}"
+        if decision.winner is None:
+            error = f"{device['name']} is held by {holder.domain}"
+        else:
+            error = (f"{device['name']} goes to {holder.domain} by rule {decision.winner.id}, "
+                     f"which is older")
         log.warning("rule %d: %s wants %s, but %s", rule.id, rule.domain, device["name"], error)
         self._publish(rule, device, "attach", result="error", error=error)
 
@@ -334,17 +363,23 @@ def present_usb_devices(conn: libvirt.virConnect, local: bool = False) -> list[D
 
 def read_usb_world(conn: libvirt.virConnect, local: bool) -> UsbWorld:
     devices = present_usb_devices(conn, local)
-    present = {d["address"] for d in devices}
+    present = {d["address"]: d for d in devices}
     running: dict[str, str] = {}
     held: dict[str, Holder] = {}
     stale = []
     for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-        uuid, name = dom.UUIDString(), dom.name()
+        try:
+            uuid, name, live = dom.UUIDString(), dom.name(), dom.XMLDesc()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # gone while listed
+            raise
         running[uuid] = name
-        for hostdev in device_xml.hostdevs(dom.XMLDesc()):
+        for hostdev in device_xml.hostdevs(live):
             if hostdev["type"] != "usb" or not hostdev["address"]:
                 continue
-            if hostdev["address"] in present:
+            device = present.get(hostdev["address"])
+            if device is not None and device_xml.holds(hostdev, device):
                 held[hostdev["address"]] = Holder(uuid, name)
             elif hostdev["alias"]:
                 stale.append(StaleHostdev(uuid, name, hostdev))
@@ -353,37 +388,26 @@ def read_usb_world(conn: libvirt.virConnect, local: bool) -> UsbWorld:
     return UsbWorld(passable, running, held, stale)
 
 
-def usb_hostdev_xml(device: Description, *, address: bool = True) -> str:
-    """A USB hostdev for this device: its ids and, live, the address it has now (libvirt then
-    finds it by both, so two alike devices are told apart). Saved without the address (it
-    changes at every plug) and optional at start (the device may be absent then)."""
+def usb_hostdev_xml(device: Description) -> str:
+    """A USB hostdev for this device: its ids and the address it has now (libvirt then finds
+    it by both, so two alike devices are told apart)."""
     vendor, product = quoteattr("0x" + device["vendor_id"]), quoteattr("0x" + device["product_id"])
-    if address:
-        bus, number = device["address"].split(":")
-        where, policy = f"<address bus={quoteattr(bus)} device={quoteattr(number)}/>", ""
-    else:
-        where, policy = "", " startupPolicy='optional'"
-    return (f"<hostdev mode='subsystem' type='usb' managed='yes'><source{policy}>"
-            f"<vendor id={vendor}/><product id={product}/>{where}</source></hostdev>")
+    bus, number = (quoteattr(n) for n in device["address"].split(":"))
+    return (f"<hostdev mode='subsystem' type='usb' managed='yes'><source>"
+            f"<vendor id={vendor}/><product id={product}/><address bus={bus} device={number}/>"
+            f"</source></hostdev>")
 
 
-def attach_usb(conn: libvirt.virConnect, uuid: str, device: Description,
-               persistent: bool) -> None:
+def attach_usb(conn: libvirt.virConnect, uuid: str, device: Description) -> None:
     dom = conn.lookupByUUIDString(uuid)
-    if not any(h["type"] == "usb" and h["address"] == device["address"]
-               for h in device_xml.hostdevs(dom.XMLDesc())):  # never twice
+    if not any(device_xml.holds(h, device) for h in device_xml.hostdevs(dom.XMLDesc())):
         dom.attachDeviceFlags(usb_hostdev_xml(device), libvirt.VIR_DOMAIN_AFFECT_LIVE)
-    if persistent:
-        save_usb(conn, uuid, device)
 
 
-def save_usb(conn: libvirt.virConnect, uuid: str, device: Description) -> None:
-    """Into the saved definition (of a persistent domain), unless it names the device."""
-    dom = conn.lookupByUUIDString(uuid)
-    saved = usb_hostdev_xml(device, address=False)
-    if dom.isPersistent() and not device_xml.has_device(
-            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), saved):
-        dom.attachDeviceFlags(saved, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+def _detach_alias(dom: libvirt.virDomain, live: str, alias: str) -> None:
+    xml = device_xml.hostdev_xml(live, alias)
+    assert xml is not None
+    dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
 
 def detach_usb(conn: libvirt.virConnect, uuid: str, address: str) -> None:
@@ -392,22 +416,17 @@ def detach_usb(conn: libvirt.virConnect, uuid: str, address: str) -> None:
     live = dom.XMLDesc()
     for hostdev in device_xml.hostdevs(live):
         if hostdev["type"] == "usb" and hostdev["address"] == address and hostdev["alias"]:
-            xml = device_xml.hostdev_xml(live, hostdev["alias"])
-            assert xml is not None
-            dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            _detach_alias(dom, live, hostdev["alias"])
 
 
 def detach_stale(conn: libvirt.virConnect, uuid: str, alias: str, address: str) -> bool:
-    """Detaches the live hostdev `alias` if it still points at `address` and no host device
-    has that address; whether it did."""
-    if any(d["address"] == address for d in present_usb_devices(conn)):
-        return False
+    """Detaches the live hostdev `alias` if it is still there at `address` and no present
+    host device is what it names; whether it did."""
     dom = conn.lookupByUUIDString(uuid)
     live = dom.XMLDesc()
-    if not any(h["alias"] == alias and h["address"] == address
-               for h in device_xml.hostdevs(live)):
+    entries = [h for h in device_xml.hostdevs(live)
+               if h["alias"] == alias and h["address"] == address]
+    if not entries or any(device_xml.holds(entries[0], d) for d in present_usb_devices(conn)):
         return False
-    xml = device_xml.hostdev_xml(live, alias)
-    assert xml is not None
-    dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    _detach_alias(dom, live, alias)
     return True
