@@ -137,3 +137,13 @@ def test_a_usb_serial_is_read_from_sysfs_only_where_libvirt_runs_here(tmp_path: 
     assert [is_local(u) for u in (None, "qemu:///system", "qemu+ssh://gamer@tower/system",
                                   "qemu+tcp://127.0.0.1:16509/system")] == [
         True, True, False, False]
+
+
+def test_a_placeholder_for_a_device_missing_at_start_holds_nothing() -> None:
+    placeholder = DOMAIN.replace("<source>", "<source startupPolicy='optional' missing='yes'>",
+                                 1).replace("<address bus='1' device='4'/>", "")
+    [entry, _pci] = hostdevs(placeholder)
+    assert entry["missing"] is True and entry["address"] is None
+    wacom_like = {"type": "usb", "vendor_id": "046d", "product_id": "c52b", "address": "1:9"}
+    assert not holds(entry, wacom_like)
+    assert "missing" not in hostdevs(DOMAIN)[0]

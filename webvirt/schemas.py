@@ -176,6 +176,9 @@ class HostDevice(Schema):
     product_id = fields.Str(allow_none=True)
     address = fields.Str(allow_none=True,
                          metadata={"description": "USB bus:device or PCI 0000:0f:00.0"})
+    missing = fields.Bool(metadata={
+        "description": "Present (true) only for an optional USB device that was absent when "
+                       "the domain started: a placeholder that holds nothing"})
 
 
 class NodeDevice(Schema):
