@@ -87,9 +87,11 @@ function coalesced(load) {
   };
 }
 
+const MESSAGE_KINDS = ["ok", "error", "wait"];
+
 function showMessage(element, text, kind = "ok") {
   element.textContent = text;
-  element.className = `message message-${kind}`;
+  for (const other of MESSAGE_KINDS) element.classList.toggle(`message-${other}`, other === kind);
 }
 
 function el(tag, className, text) {
@@ -497,7 +499,7 @@ function ruleItem(rule) {
   box.checked = rule.enabled;
   box.disabled = busy;
   box.addEventListener("change", () => changeRule(rule, box.checked));
-  toggle.append(box, " Enabled");
+  toggle.append(box, el("span", "", "Enabled"));
   const text = el("span", "rule-text");
   text.append(el("span", "rule-what", `${rule.domain} always gets ${ruleTarget(rule.match)}`),
     el("span", "muted", [rule.match.port ? "by port" : "by device",
