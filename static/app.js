@@ -112,7 +112,7 @@ const ACTIONS = [
 ];
 
 function renderDomain(domain) {
-  let card = document.querySelector(`[data-domain="${CSS.escape(domain.name)}"]`);
+  let card = cardOf(domain.name);
   if (!card) {
     card = document.createElement("li");
     card.className = "card";
