@@ -53,8 +53,52 @@ async function api(path, options = {}) {
   let body = null;
   try { body = await response.json(); } catch { /* not JSON */ }
   if (response.status === 401) askForToken();
-  if (!response.ok) throw new Error(body && body.detail ? body.detail : response.statusText);
+  if (!response.ok) {
+    // webvirt's errors are {"detail", "code", "status"}; show the detail.
+    const error = new Error(body && body.detail ? body.detail : response.statusText);
+    error.status = response.status;
+    error.code = body && body.code;
+    throw error;
+  }
   return body;
+}
+
+// One load at a time per thing: asks made while it runs become one more load after it, so an
+// older answer never overwrites a newer one and a burst of events costs two requests.
+function coalesced(load) {
+  let running = null;
+  let again = false;
+  return function refresh() {
+    if (running) {
+      again = true;
+      return running;
+    }
+    running = (async () => {
+      try {
+        do {
+          again = false;
+          await load();
+        } while (again);
+      } finally {
+        running = null;
+      }
+    })();
+    return running;
+  };
+}
+
+const MESSAGE_KINDS = ["ok", "error", "wait"];
+
+function showMessage(element, text, kind = "ok") {
+  element.textContent = text;
+  for (const other of MESSAGE_KINDS) element.classList.toggle(`message-${other}`, other === kind);
+}
+
+function el(tag, className, text) {
+  const element = document.createElement(tag);
+  if (className) element.className = className;
+  if (text !== undefined) element.textContent = text;
+  return element;
 }
 
 // --- Virtual machines -------------------------------------------------------
@@ -68,13 +112,14 @@ const ACTIONS = [
 ];
 
 function renderDomain(domain) {
-  let card = document.querySelector(`[data-domain="${CSS.escape(domain.name)}"]`);
+  let card = cardOf(domain.name);
   if (!card) {
     card = document.createElement("li");
     card.className = "card";
     card.dataset.domain = domain.name;
     card.innerHTML = `<div class="card-head"><h3></h3><span class="state"></span></div>
-      <div class="buttons"></div>`;
+      <div class="buttons"></div><ul class="hostdevs" hidden></ul>
+      <p class="message card-message" role="status" hidden></p>`;
     card.querySelector("h3").textContent = domain.name;
     for (const [action, label, , style] of ACTIONS) {
       const button = document.createElement("button");
@@ -88,6 +133,7 @@ function renderDomain(domain) {
     const list = $("domains");
     const after = [...list.children].find((c) => c.dataset.domain > domain.name);
     list.insertBefore(card, after || null);
+    renderHeld(domain.name);
   }
   const state = card.querySelector(".state");
   state.textContent = STATE_LABELS[domain.state] || domain.state;
@@ -108,25 +154,423 @@ function renderAll() {
   renderDomainChoices();
 }
 
+function cardOf(name) {
+  return document.querySelector(`[data-domain="${CSS.escape(name)}"]`);
+}
+
+// The card's message line: the latest failure of an action on it, until one succeeds.
+function cardMessage(name, text) {
+  const line = cardOf(name) && cardOf(name).querySelector(".card-message");
+  if (!line) return;
+  showMessage(line, text, "error");
+  line.hidden = !text;
+}
+
 async function act(action, name, button) {
   button.disabled = true;
   try {
     const result = await api(`/api/0/${action}/${encodeURIComponent(name)}`, { method: "POST" });
     log(`${name}: ${result}`);
+    cardMessage(name, "");
   } catch (error) {
     log(`${name}: ${action} failed: ${error.message}`, "error");
+    cardMessage(name, `${ACTIONS.find((a) => a[0] === action)[1]} failed: ${error.message}`);
   } finally {
     button.disabled = false;
   }
 }
 
+// --- Host devices a VM holds ------------------------------------------------
+
+const held = new Map(); // VM name -> GET /api/0/devices/{name}
+const heldRefreshers = new Map(); // VM name -> its coalesced refresh
+const detaching = new Set(); // keys of the held devices being detached now
+
+function refreshHeld(name) {
+  if (!name || !domains.has(name)) return;
+  if (!heldRefreshers.has(name)) heldRefreshers.set(name, coalesced(() => loadHeld(name)));
+  heldRefreshers.get(name)();
+}
+
+async function loadHeld(name) {
+  if (!domains.has(name)) return;
+  try {
+    held.set(name, await api(`/api/0/devices/${encodeURIComponent(name)}`));
+  } catch (error) {
+    if (error.status === 404) held.delete(name); // gone meanwhile
+    else log(`${name}: cannot list its host devices: ${error.message}`, "error");
+  }
+  renderHeld(name);
+}
+
+function heldKey(name, hostdev) {
+  return [name, hostdev.type, hostdev.alias, hostdev.address,
+    hostdev.vendor_id, hostdev.product_id].join("|");
+}
+
+function renderHeld(name) {
+  const card = cardOf(name);
+  if (!card) return;
+  const list = card.querySelector(".hostdevs");
+  const hostdevs = held.get(name) || [];
+  list.replaceChildren(...hostdevs.map((hostdev) => heldItem(name, hostdev)));
+  list.hidden = hostdevs.length === 0;
+}
+
+function heldItem(name, hostdev) {
+  const device = hostDeviceFor(hostdev);
+  const item = el("li", "hostdev");
+  const text = el("span", "hostdev-text");
+  const title = device ? deviceTitle(device) : idsOf(hostdev) || hostdev.address || "host device";
+  text.append(el("span", "hostdev-name", title),
+    el("span", "muted", [hostdev.type.toUpperCase(), idsOf(hostdev), hostdev.address]
+      .filter(Boolean).join(" · ")));
+  const button = el("button", "secondary small", "Detach");
+  button.type = "button";
+  button.setAttribute("aria-label", `Detach ${title}`);
+  const call = templateCall(hostdev);
+  const key = heldKey(name, hostdev);
+  button.disabled = !call || detaching.has(key);
+  if (!call) button.title = "No template can name this device";
+  else if (isShutOff(name)) button.title = `Removes it from ${name}'s saved definition`;
+  button.addEventListener("click", () => detachHeld(name, hostdev, title));
+  item.append(text, button);
+  return item;
+}
+
+function isShutOff(name) {
+  return domains.has(name) && domains.get(name).state === "shutoff";
+}
+
+async function detachHeld(name, hostdev, title) {
+  const [template, query] = templateCall(hostdev);
+  // A shut-off VM's list is its saved definition: that is where it can be detached from.
+  if (isShutOff(name)) {
+    query.set("live", "0");
+    query.set("persistent", "1");
+  }
+  const key = heldKey(name, hostdev);
+  detaching.add(key);
+  renderHeld(name);
+  try {
+    await api(`/api/0/detach/${encodeURIComponent(name)}/${template}?${query}`,
+      { method: "POST" });
+    log(`${name}: detached ${title}`);
+    cardMessage(name, "");
+  } catch (error) {
+    log(`${name}: detach ${title} failed: ${error.message}`, "error");
+    cardMessage(name, `Detach ${title} failed: ${error.message}`);
+  } finally {
+    detaching.delete(key);
+    renderHeld(name);
+    refreshHeld(name);
+  }
+}
+
+// --- Host devices: the picker ------------------------------------------------
+
+let hostDevices = []; // GET /api/0/host/devices, without USB root hubs
+let hostDevicesJson = "";
+let chosenDevice = null; // the picked device's name (libvirt's node-device name)
+let pickerBusy = false;
+const PCI_ADDRESS = /^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$/i;
+
+// A root hub has no port (the kernel names it usb1, libvirt usb_usb1). The test driver's
+// devices have no port either, as they have no sysfs path: no port alone is not enough.
+function isRootHub(device) {
+  return device.type === "usb" && !device.port
+    && (device.vendor_id === "1d6b" || /^usb_usb\d+$/.test(device.name));
+}
+
+function idsOf(device) {
+  return device.vendor_id && device.product_id ? `${device.vendor_id}:${device.product_id}` : "";
+}
+
+function deviceTitle(device) {
+  return device.product || device.vendor || idsOf(device) || device.name;
+}
+
+// The template and query that name a device (a host device or a VM's hostdev), or null.
+function templateCall(device) {
+  if (device.type === "usb") {
+    if (!device.vendor_id || !device.product_id) return null;
+    const { vendor_id, product_id } = device;
+    return ["usb", new URLSearchParams({ vendor_id, product_id })];
+  }
+  const parts = PCI_ADDRESS.exec(device.address || "");
+  if (device.type !== "pci" || !parts) return null;
+  const [, domain, bus, slot, fn] = parts;
+  return ["pci", new URLSearchParams({ domain, bus, slot, function: fn })];
+}
+
+// The host device a VM's hostdev is: a PCI one by address, a USB one by the address it took
+// (when running) or else by its ids.
+function hostDeviceFor(hostdev) {
+  return hostDevices.find((device) => device.type === hostdev.type && (
+    hostdev.type === "pci" || hostdev.address
+      ? device.address === hostdev.address
+      : idsOf(device) === idsOf(hostdev)));
+}
+
+function holdersText(device) {
+  const parts = [];
+  if (device.held_by.length) parts.push(`held by ${device.held_by.join(", ")}`);
+  const saved = device.configured_in.filter((name) => !device.held_by.includes(name));
+  if (saved.length) parts.push(`configured for ${saved.join(", ")}`);
+  return parts.join(" · ") || "free";
+}
+
+const refreshHostDevices = coalesced(async () => {
+  let listing;
+  try {
+    listing = await api("/api/0/host/devices");
+  } catch (error) {
+    log(`cannot list host devices: ${error.message}`, "error");
+    return;
+  }
+  const json = JSON.stringify(listing);
+  if (json === hostDevicesJson) return; // nothing changed: keep the page (and focus) as it is
+  hostDevicesJson = json;
+  hostDevices = listing.filter((device) => !isRootHub(device));
+  renderPicker();
+  renderRules();
+  for (const name of domains.keys()) renderHeld(name);
+});
+
+function renderPicker() {
+  const usb = hostDevices.filter((device) => device.type === "usb");
+  const pci = hostDevices.filter((device) => device.type === "pci");
+  if (!hostDevices.some((device) => device.name === chosenDevice)) chosenDevice = null;
+  $("usb-devices").replaceChildren(...usb.map(pickerItem));
+  $("pci-devices").replaceChildren(...pci.map(pickerItem));
+  $("no-usb-devices").hidden = usb.length > 0;
+  $("pci-count").textContent = pci.length;
+  renderPickerActions();
+}
+
+function pickerItem(device) {
+  const item = el("li");
+  item.dataset.device = device.name;
+  const label = el("label", "pick");
+  const radio = el("input");
+  radio.type = "radio";
+  radio.name = "host-device";
+  radio.value = device.name;
+  radio.checked = device.name === chosenDevice;
+  radio.addEventListener("change", () => {
+    chosenDevice = device.name;
+    showMessage($("picker-message"), "");
+    renderPickerActions();
+  });
+  const where = device.type === "usb"
+    ? device.port && `port ${device.port}`
+    : device.iommu_group !== null && device.iommu_group !== undefined
+      && `IOMMU group ${device.iommu_group}`;
+  // A USB address changes at every plug: it only tells apart devices that have no port.
+  const address = device.type === "pci" || !device.port ? device.address : "";
+  const facts = [device.product ? device.vendor : "", idsOf(device), where, address]
+    .filter(Boolean).join(" · ");
+  const holders = holdersText(device);
+  const text = el("span", "pick-text");
+  text.append(el("span", "pick-name", deviceTitle(device)), el("span", "muted", facts),
+    el("span", holders === "free" ? "holders muted" : "holders", holders));
+  label.append(radio, text);
+  item.append(label);
+  return item;
+}
+
+function chosen() {
+  return hostDevices.find((device) => device.name === chosenDevice) || null;
+}
+
+function renderPickerActions() {
+  const device = chosen();
+  const domain = $("picker-domain").value;
+  const kind = device && device.type.toUpperCase();
+  $("picker-chosen").textContent = device
+    ? `Chosen: ${deviceTitle(device)} (${kind} ${idsOf(device) || device.address})`
+    : "No device chosen.";
+  $("attach-now").disabled = pickerBusy || !device || !domain || !templateCall(device);
+  const usb = device && device.type === "usb";
+  $("give-always").hidden = !usb;
+  $("give-always").disabled = pickerBusy || !domain || !idsOf(device || {});
+  $("give-port").hidden = !(usb && device.port);
+  $("give-port").disabled = pickerBusy || !domain;
+  if (usb && device.port) $("give-port").textContent = `Always give port ${device.port} to this VM`;
+}
+
+// Runs one picker action: the buttons wait for it, its outcome is said under them.
+async function pickerAction(what, run) {
+  pickerBusy = true;
+  renderPickerActions();
+  showMessage($("picker-message"), `${what}…`, "wait");
+  try {
+    const done = await run();
+    showMessage($("picker-message"), done);
+    log(done);
+  } catch (error) {
+    showMessage($("picker-message"), `${what} failed: ${error.message}`, "error");
+    log(`${what} failed: ${error.message}`, "error");
+  } finally {
+    pickerBusy = false;
+    renderPickerActions();
+  }
+}
+
+$("picker-domain").addEventListener("change", () => {
+  showMessage($("picker-message"), "");
+  renderPickerActions();
+});
+
+$("attach-now").addEventListener("click", () => {
+  const device = chosen();
+  const domain = $("picker-domain").value;
+  const [template, query] = templateCall(device);
+  pickerAction(`${domain}: attach ${deviceTitle(device)}`, async () => {
+    await api(`/api/0/attach/${encodeURIComponent(domain)}/${template}?${query}`,
+      { method: "POST" });
+    return `${domain}: attached ${deviceTitle(device)}`;
+  });
+});
+
+function addRule(match, what) {
+  const domain = $("picker-domain").value;
+  pickerAction(`${domain}: rule for ${what}`, async () => {
+    const rule = await api("/api/0/rules", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ domain, match }),
+    });
+    refreshRules();
+    return `${domain}: rule ${rule.id} gives it ${what}`;
+  });
+}
+
+$("give-always").addEventListener("click", () => {
+  const device = chosen();
+  addRule({ vendor_id: device.vendor_id, product_id: device.product_id },
+    `${deviceTitle(device)} (${idsOf(device)})`);
+});
+
+$("give-port").addEventListener("click", () => {
+  const device = chosen();
+  addRule({ port: device.port }, `whatever is plugged into port ${device.port}`);
+});
+
+// --- USB rules ---------------------------------------------------------------
+
+let rules = []; // GET /api/0/rules
+const ruleErrors = new Map(); // rule id -> its latest "rule" event, when that was an error
+const rulesBusy = new Set(); // ids of the rules being changed now
+
+const refreshRules = coalesced(async () => {
+  try {
+    rules = await api("/api/0/rules");
+  } catch (error) {
+    log(`cannot list USB rules: ${error.message}`, "error");
+    return;
+  }
+  renderRules();
+});
+
+function ruleTarget(match) {
+  if (match.port) {
+    const now = hostDevices.find((device) => device.type === "usb" && device.port === match.port);
+    return `port ${match.port}` + (now ? ` (now ${deviceTitle(now)})` : "");
+  }
+  const device = hostDevices.find((d) => d.type === "usb" && idsOf(d) === idsOf(match));
+  let text = device ? `${deviceTitle(device)} (${idsOf(match)})` : `USB ${idsOf(match)}`;
+  if (match.serial) text += `, serial ${match.serial}`;
+  return text;
+}
+
+function renderRules() {
+  $("rules").replaceChildren(...rules.map(ruleItem));
+  $("no-rules").hidden = rules.length > 0;
+}
+
+function ruleItem(rule) {
+  const item = el("li", rule.enabled ? "rule" : "rule rule-off");
+  item.dataset.rule = rule.id;
+  const busy = rulesBusy.has(rule.id);
+  const toggle = el("label", "switch");
+  const box = el("input");
+  box.type = "checkbox";
+  box.checked = rule.enabled;
+  box.disabled = busy;
+  box.addEventListener("change", () => changeRule(rule, box.checked));
+  toggle.append(box, el("span", "", "Enabled"));
+  const text = el("span", "rule-text");
+  text.append(el("span", "rule-what", `${rule.domain} always gets ${ruleTarget(rule.match)}`),
+    el("span", "muted", [rule.match.port ? "by port" : "by device",
+      rule.persistent ? "also saved in its definition" : "", `rule ${rule.id}`]
+      .filter(Boolean).join(" · ")));
+  const remove = el("button", "secondary small", "Delete");
+  remove.type = "button";
+  remove.disabled = busy;
+  remove.setAttribute("aria-label", `Delete rule ${rule.id}`);
+  remove.addEventListener("click", () => deleteRule(rule));
+  item.append(toggle, text, remove);
+  const failed = ruleErrors.get(rule.id);
+  if (failed) {
+    const what = failed.product || failed.device;
+    item.append(el("p", "message message-error rule-error",
+      `Could not ${failed.action} ${what}: ${failed.error}`));
+  }
+  return item;
+}
+
+async function ruleAction(rule, what, run) {
+  rulesBusy.add(rule.id);
+  renderRules();
+  showMessage($("rules-message"), "");
+  try {
+    await run();
+    log(`rule ${rule.id}: ${what}`);
+  } catch (error) {
+    showMessage($("rules-message"), `Rule ${rule.id}: ${what} failed: ${error.message}`, "error");
+    log(`rule ${rule.id}: ${what} failed: ${error.message}`, "error");
+  } finally {
+    rulesBusy.delete(rule.id);
+    renderRules(); // as it was, if it failed: the switch goes back
+    refreshRules();
+  }
+}
+
+function changeRule(rule, enabled) {
+  ruleAction(rule, enabled ? "switched on" : "switched off", async () => {
+    const body = { domain: rule.domain, match: rule.match, enabled, persistent: rule.persistent };
+    const kept = await api(`/api/0/rules/${rule.id}`, {
+      method: "PUT",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    rules = rules.map((r) => (r.id === kept.id ? kept : r));
+  });
+}
+
+function deleteRule(rule) {
+  ruleAction(rule, "deleted", async () => {
+    await api(`/api/0/rules/${rule.id}`, { method: "DELETE" });
+    rules = rules.filter((r) => r.id !== rule.id);
+    ruleErrors.delete(rule.id);
+  });
+}
+
 // --- Device templates -------------------------------------------------------
 
 function renderDomainChoices() {
-  const select = $("device-domain");
-  const chosen = select.value;
-  select.replaceChildren(...[...domains.keys()].sort().map((name) => new Option(name, name)));
-  if (domains.has(chosen)) select.value = chosen;
+  const names = [...domains.keys()].sort();
+  for (const select of [$("device-domain"), $("picker-domain")]) {
+    const chosen = select.value;
+    select.replaceChildren(...names.map((name) => new Option(name, name)));
+    if (domains.has(chosen)) select.value = chosen;
+    else if (select === $("picker-domain")) {
+      // First time: a running VM is the likely one to give a device to.
+      select.value = names.find((name) => domains.get(name).state === "running") || names[0] || "";
+    }
+  }
+  renderPickerActions();
 }
 
 function renderVariables() {
@@ -220,17 +664,29 @@ function handle(message) {
     case "snapshot":
       domains.clear();
       for (const domain of message.domains) domains.set(domain.name, domain);
+      for (const name of [...held.keys()]) if (!domains.has(name)) held.delete(name);
       renderAll();
       setConnection(message.connected ? "live" : "libvirt unreachable", message.connected ? "ok" : "bad");
+      // The first message, or a fresh start: read again what events keep current.
+      for (const name of domains.keys()) refreshHeld(name);
+      refreshHostDevices();
+      refreshRules();
       break;
     case "lifecycle":
     case "state": {
       // "state": a re-read found what no lifecycle event said (e.g. while libvirt was away).
-      if (message.state === "undefined") domains.delete(message.domain);
-      else domains.set(message.domain, { name: message.domain, uuid: message.uuid, state: message.state });
+      if (message.state === "undefined") {
+        domains.delete(message.domain);
+        held.delete(message.domain);
+      } else {
+        domains.set(message.domain, { name: message.domain, uuid: message.uuid, state: message.state });
+      }
       renderAll();
       if (message.type === "lifecycle") log(`${message.domain}: ${message.event} (${message.detail})`);
       else log(`${message.domain}: now ${message.state} (was ${message.previous})`);
+      // Started or stopped: its live definition is not its saved one, and what it holds counts.
+      refreshHeld(message.domain);
+      refreshHostDevices();
       break;
     }
     case "connection":
@@ -244,11 +700,42 @@ function handle(message) {
       break;
     case "device-added":
     case "device-removed":
-      log(`${message.domain}: ${message.type.replace("-", " ")} ${message.device}`);
+    case "device-removal-failed":
+      log(`${message.domain}: ${message.type.replaceAll("-", " ")} ${message.device}`);
+      refreshHeld(message.domain);
+      refreshHostDevices();
+      break;
+    case "attach":
+    case "detach":
+      if (message.reason === "unplugged") {
+        log(`${message.domain}: let go of ${message.vendor_id}:${message.product_id} (unplugged)`);
+      }
+      refreshHeld(message.domain);
+      refreshHostDevices();
       break;
     case "node-device-added":
     case "node-device-removed":
       log(`host: ${message.type.replace("node-device-", "device ")} ${message.device}`);
+      if (message.device_type === "usb" || message.device_type === "pci") refreshHostDevices();
+      break;
+    case "rule": {
+      // The reconciler acted on a rule: attached (or took) a device, or could not.
+      const what = message.product || message.device;
+      if (message.result === "error") {
+        ruleErrors.set(message.rule, message);
+        log(`rule ${message.rule}: could not ${message.action} ${what}: ${message.error}`, "error");
+      } else {
+        ruleErrors.delete(message.rule);
+        log(`rule ${message.rule}: ${message.action}ed ${what} (${message.domain})`);
+      }
+      renderRules();
+      refreshHeld(message.domain);
+      refreshHostDevices();
+      break;
+    }
+    case "rule-changed":
+      if (message.change === "deleted") ruleErrors.delete(message.rule);
+      refreshRules();
       break;
     case "lagging":
       log("fell behind the event stream; reconnecting", "error");

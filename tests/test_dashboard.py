@@ -27,9 +27,10 @@ async def test_shows_every_vm_with_its_state(client: TestClient, page: Page) -> 
     await expect(card(page, "win11").locator(".state")).to_have_text("shut off")
     await expect(card(page, "linux-dev").locator(".state")).to_have_text("running")
     await expect(card(page, "media-server").locator(".state")).to_have_text("paused")
-    # Only the buttons that apply are shown.
-    await expect(card(page, "win11").locator("button:visible")).to_have_text(["Start"])
-    await expect(card(page, "linux-dev").locator("button:visible")).to_have_text(
+    # Only the power buttons that apply are shown.
+    await expect(card(page, "win11").locator("button[data-action]:visible")).to_have_text(
+        ["Start"])
+    await expect(card(page, "linux-dev").locator("button[data-action]:visible")).to_have_text(
         ["Shut down", "Force off"])
 
 
@@ -133,7 +134,7 @@ async def test_libvirt_restart_and_attach_on_real_qemu(
 
     await page.select_option("#device-domain", "desk")
     await page.select_option("#device-template", "usb_tablet")
-    await page.get_by_role("button", name="Attach").click()
+    await page.locator("#device-form").get_by_role("button", name="Attach").click()
     await expect(page.locator("#log")).to_contain_text("desk: usb_tablet attached")
     await expect(page.locator("#log")).to_contain_text("desk: device added input")
 
