@@ -502,9 +502,8 @@ function ruleItem(rule) {
   toggle.append(box, el("span", "", "Enabled"));
   const text = el("span", "rule-text");
   text.append(el("span", "rule-what", `${rule.domain} always gets ${ruleTarget(rule.match)}`),
-    el("span", "muted", [rule.match.port ? "by port" : "by device",
-      rule.persistent ? "also saved in its definition" : "", `rule ${rule.id}`]
-      .filter(Boolean).join(" · ")));
+    el("span", "muted", [rule.match.port ? "by port" : "by device", `rule ${rule.id}`]
+      .join(" · ")));
   const remove = el("button", "secondary small", "Delete");
   remove.type = "button";
   remove.disabled = busy;
