@@ -26,6 +26,7 @@ from webvirt.api_domains import (
     suspend,
 )
 from webvirt.api_events import events
+from webvirt.api_metrics import metrics
 from webvirt.api_rules import (
     create_rule,
     delete_rule,
@@ -34,10 +35,19 @@ from webvirt.api_rules import (
     publish_change,
     replace_rule,
 )
-from webvirt.appkeys import EVENT_HUB, HOST, RULES, SETTINGS, TEMPLATES, USB_RECONCILER
+from webvirt.appkeys import (
+    EVENT_HUB,
+    HOST,
+    METRICS,
+    RULES,
+    SETTINGS,
+    TEMPLATES,
+    USB_RECONCILER,
+)
 from webvirt.config import Settings
 from webvirt.host import Host
 from webvirt.hub import EventHub
+from webvirt.metrics import Metrics
 from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
 from webvirt.rules_store import RuleStore
@@ -148,6 +158,8 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/0/rules/{id}", reads(get_rule), allow_head=False)
     router.add_put("/api/0/rules/{id}", replace_rule)
     router.add_delete("/api/0/rules/{id}", delete_rule)
+    # Where Prometheus looks by default; guarded like /api/ (security.PROTECTED_PATHS).
+    router.add_get("/metrics", reads(metrics), allow_head=False)
     setup_openapi(app)  # last: the spec is built from the routes above
 
 
@@ -160,6 +172,7 @@ def create_app(settings: Settings) -> web.Application:
                      reconcile_s=settings.reconcile_s)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
     app[RULES] = RuleStore(settings.state_dir)
+    app[METRICS] = Metrics(hub, app[HOST])
     # The rule store first: a state folder that cannot be used is said before libvirt is tried.
     app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream])
     app.on_shutdown.append(end_event_streams)

@@ -7,6 +7,7 @@ from aiohttp import web
 from webvirt.config import Settings
 from webvirt.host import Host
 from webvirt.hub import EventHub
+from webvirt.metrics import Metrics
 from webvirt.rules_store import RuleStore
 from webvirt.templates import TemplateStore
 from webvirt.usb_reconciler import UsbReconciler
@@ -17,3 +18,4 @@ TEMPLATES = web.AppKey("templates", TemplateStore)
 EVENT_HUB = web.AppKey("event_hub", EventHub)
 RULES = web.AppKey("rules", RuleStore)
 USB_RECONCILER = web.AppKey("usb_reconciler", UsbReconciler)
+METRICS = web.AppKey("metrics", Metrics)
