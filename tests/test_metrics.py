@@ -209,7 +209,7 @@ async def test_webvirts_own_counters(client: TestClient) -> None:
     host, hub = client.app[HOST], client.app[EVENT_HUB]
     first = await scrape(client)
     async with client.ws_connect("/api/0/events?type=lifecycle,connection") as ws, \
-            client.ws_connect("/api/0/events?type=device") as _other:
+            client.ws_connect("/api/0/events?type=stats") as _stats:
         await next_message(ws, lambda m: m["type"] == "snapshot")
         await until(lambda: hub.client_count == 2, 5, "both clients subscribed")
         assert (await client.get("/api/0/start/win11")).status == 200
@@ -224,6 +224,7 @@ async def test_webvirts_own_counters(client: TestClient) -> None:
         await next_message(ws, lambda m: m.get("state") == "restored")
         samples = await scrape(client)
     assert samples["webvirt_event_clients"] == {(): 2.0}
+    assert samples["webvirt_stats_clients"] == {(): 1.0}
     published = {dict(k)["type"]: v for k, v in samples["webvirt_events_published_total"].items()}
     assert published["lifecycle"] >= 1
     assert published["rule"] == 3

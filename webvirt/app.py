@@ -42,6 +42,7 @@ from webvirt.appkeys import (
     RULES,
     SETTINGS,
     TEMPLATES,
+    USAGE,
     USB_RECONCILER,
 )
 from webvirt.config import Settings
@@ -53,6 +54,7 @@ from webvirt.openapi import setup_openapi
 from webvirt.rules_store import RuleStore
 from webvirt.security import Guard, reads
 from webvirt.templates import TemplateStore
+from webvirt.usage import UsageSampler
 from webvirt.usb_reconciler import UsbReconciler
 
 
@@ -90,6 +92,13 @@ async def send_heartbeats(hub: EventHub, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         hub.heartbeat()
+
+
+async def live_usage(app: web.Application) -> AsyncIterator[None]:
+    sampler = app[USAGE]
+    sampler.start()
+    yield
+    await sampler.close()
 
 
 async def end_event_streams(app: web.Application) -> None:
@@ -173,8 +182,10 @@ def create_app(settings: Settings) -> web.Application:
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
     app[RULES] = RuleStore(settings.state_dir)
     app[METRICS] = Metrics(hub, app[HOST])
+    app[USAGE] = UsageSampler(app[HOST], hub, settings.stats_interval_s)
     # The rule store first: a state folder that cannot be used is said before libvirt is tried.
-    app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream])
+    app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream,
+                            live_usage])
     app.on_shutdown.append(end_event_streams)
     app.on_response_prepare.append(guard.cors_headers)
 

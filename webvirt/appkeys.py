@@ -10,6 +10,7 @@ from webvirt.hub import EventHub
 from webvirt.metrics import Metrics
 from webvirt.rules_store import RuleStore
 from webvirt.templates import TemplateStore
+from webvirt.usage import UsageSampler
 from webvirt.usb_reconciler import UsbReconciler
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -19,3 +20,4 @@ EVENT_HUB = web.AppKey("event_hub", EventHub)
 RULES = web.AppKey("rules", RuleStore)
 USB_RECONCILER = web.AppKey("usb_reconciler", UsbReconciler)
 METRICS = web.AppKey("metrics", Metrics)
+USAGE = web.AppKey("usage", UsageSampler)

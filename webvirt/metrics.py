@@ -160,6 +160,9 @@ class Metrics:
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("webvirt_event_clients", "Clients following the event stream.",
                                 value=self._hub.client_count)
+        yield GaugeMetricFamily("webvirt_stats_clients",
+                                "Event-stream clients that asked for live stats messages.",
+                                value=self._hub.stats_client_count)
         events = CounterMetricFamily("webvirt_events_published",
                                      "Events published on the event stream, by type.",
                                      labels=["type"])
