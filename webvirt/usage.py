@@ -117,6 +117,9 @@ class UsageSampler:
                 except ApiError as err:  # libvirt is away: start afresh once it is back
                     log.debug("stats sampling failed: %s", err.detail)
                     before = None
+                except Exception:  # a bug must not end live stats for good
+                    log.exception("stats sampling failed")
+                    before = None
                 else:
                     host_cpus = host_cpus or cpus
                     if before is not None and host_cpus:
