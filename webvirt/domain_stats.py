@@ -142,15 +142,16 @@ def _parse(dom: libvirt.virDomain, stats: dict[str, Any], groups: int) -> Domain
     if not domain.active:
         domain.cpu_time_ns = 0  # as dom.info() says; QEMU's stats can report a stale figure
         return domain
-    want_disks = groups & libvirt.VIR_DOMAIN_STATS_BLOCK
-    want_nets = groups & libvirt.VIR_DOMAIN_STATS_INTERFACE
-    if want_disks and "block.count" in stats:
+    # A group the driver left out entirely (not one that found no device) is read per device.
+    unread_disks = unread_nets = False
+    if groups & libvirt.VIR_DOMAIN_STATS_BLOCK:
         domain.disks = _devices(stats, "block", BLOCK_FIELDS)
-    if want_nets and "net.count" in stats:
+        unread_disks = "block.count" not in stats
+    if groups & libvirt.VIR_DOMAIN_STATS_INTERFACE:
         domain.interfaces = _devices(stats, "net", NET_FIELDS)
-    if (want_disks and "block.count" not in stats) or (want_nets and "net.count" not in stats):
-        _read_devices(dom, domain, disks=bool(want_disks) and "block.count" not in stats,
-                      nets=bool(want_nets) and "net.count" not in stats)
+        unread_nets = "net.count" not in stats
+    if unread_disks or unread_nets:
+        _read_devices(dom, domain, disks=unread_disks, nets=unread_nets)
     return domain
 
 
