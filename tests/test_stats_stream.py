@@ -168,9 +168,20 @@ def test_a_domain_is_told_once_two_samples_have_it() -> None:
     old, new = domain(1), domain(2)
     newcomer = DomainStats(name="fresh", uuid="u-2", state=1, cpu_time_ns=5, vcpus=1,
                            max_memory_kib=1, memory_kib=1)
-    figures = usage.usages(Sample([old], [], 10.0), Sample([new, newcomer], [], 12.0), 2)
+    figures = usage.usages(Sample([old], [], 10.0, 10.1), Sample([new, newcomer], [], 12.0,
+                                                                  12.1), 2)
+    assert figures is not None
     assert [f["domain"] for f in figures] == ["win11"]
     assert figures[0]["cpu_percent"] == 25.0
+
+
+def test_no_figures_from_reads_of_unlike_length() -> None:
+    # A first read that took 2 s (libvirt's first CPU statistics of a daemon do), then a
+    # quick one: when the first read the counters is known only within those 2 s.
+    slow, quick = Sample([domain(1)], [], 10.0, 12.0), Sample([domain(4)], [], 13.0, 13.01)
+    assert usage.usages(slow, quick, 2) is None
+    steady = Sample([domain(4.5)], [], 14.0, 14.05)
+    assert usage.usages(quick, steady, 2) is not None
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "soon"])

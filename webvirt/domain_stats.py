@@ -74,16 +74,27 @@ class DomainStats:
 
 @dataclass(slots=True)
 class Sample:
-    """One bulk read: the domains, the domains that could not be read, and when (monotonic
-    seconds, taken on the connection's thread right after libvirt answered)."""
+    """One bulk read: the domains, the domains that could not be read, and when the call began
+    and ended (monotonic seconds, on the connection's thread). libvirt reads each domain's
+    counters somewhere in between."""
 
     domains: list[DomainStats]
     failed: list[str]
-    taken: float
+    started: float
+    ended: float
+
+    @property
+    def when(self) -> float:
+        return (self.started + self.ended) / 2
+
+    @property
+    def spent(self) -> float:
+        return self.ended - self.started
 
 
 def read(conn: libvirt.virConnect, groups: int = USAGE_GROUPS, flags: int = 0) -> Sample:
     """Every domain libvirt lists (with `flags`, e.g. ACTIVE, only those)."""
+    started = time.monotonic()
     try:
         records = conn.getAllDomainStats(groups, flags | NOWAIT)
     except libvirt.libvirtError as err:
@@ -92,7 +103,7 @@ def read(conn: libvirt.virConnect, groups: int = USAGE_GROUPS, flags: int = 0) -
         # QEMU fails the whole call when one domain's stats fail: ask domain by domain.
         log.debug("bulk domain stats failed (%s); reading domain by domain", err)
         records = list(_one_by_one(conn, groups, flags))
-    taken = time.monotonic()
+    ended = time.monotonic()
     domains, failed = [], []
     for dom, stats in records:
         try:
@@ -102,7 +113,7 @@ def read(conn: libvirt.virConnect, groups: int = USAGE_GROUPS, flags: int = 0) -
                 raise
             failed.append(_name(dom))
             log.debug("stats of domain %s failed: %s", _name(dom), err)
-    return Sample(domains, failed, taken)
+    return Sample(domains, failed, started, ended)
 
 
 def _one_by_one(conn: libvirt.virConnect, groups: int,

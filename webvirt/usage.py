@@ -25,6 +25,10 @@ from webvirt.hub import EventHub
 
 log = logging.getLogger(__name__)
 
+# Rates are over the time between the middles of two reads; a domain's counters are read
+# anywhere in each, so up to half their difference in length is unknown: 5% at most.
+UNSURE = 0.1
+
 
 def read_usage(conn: libvirt.virConnect, with_cpus: bool) -> tuple[Sample, int | None]:
     """Active domains in one bulk call; the host's CPU count too, when asked."""
@@ -75,11 +79,13 @@ def usage(before: DomainStats, now: DomainStats, seconds: float,
     }
 
 
-def usages(before: Sample, now: Sample, host_cpus: int) -> list[dict[str, Any]]:
-    """Every domain in both samples (a domain that just started waits for the next one)."""
-    seconds = now.taken - before.taken
-    if seconds <= 0:
-        return []
+def usages(before: Sample, now: Sample, host_cpus: int) -> list[dict[str, Any]] | None:
+    """Every domain in both samples (a domain that just started waits for the next one); None
+    when the two reads took so differently long that when libvirt read a domain's counters in
+    each is not known closely enough (libvirt's first CPU read of a daemon takes seconds)."""
+    seconds = now.when - before.when
+    if seconds <= 0 or abs(now.spent - before.spent) > UNSURE * seconds:
+        return None
     earlier = {d.uuid: d for d in before.domains}
     return sorted((usage(earlier[d.uuid], d, seconds, host_cpus) for d in now.domains
                    if d.uuid in earlier), key=lambda u: u["domain"])
@@ -103,6 +109,12 @@ class UsageSampler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def _tell(self, before: Sample, now: Sample, host_cpus: int) -> None:
+        figures = usages(before, now, host_cpus)
+        if figures is not None:
+            self.hub.broadcast_stats(figures, interval=round(now.when - before.when, 3),
+                                     host_cpus=host_cpus)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -123,9 +135,7 @@ class UsageSampler:
                 else:
                     host_cpus = host_cpus or cpus
                     if before is not None and host_cpus:
-                        self.hub.broadcast_stats(
-                            usages(before, now, host_cpus),
-                            interval=round(now.taken - before.taken, 3), host_cpus=host_cpus)
+                        self._tell(before, now, host_cpus)
                     before = now
                 # A steady cadence; a read slower than the interval delays the next, no burst.
                 tick += self.interval
