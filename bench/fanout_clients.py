@@ -1,5 +1,6 @@
-"""Event fan-out clients: N WebSockets in one process, each timing every lifecycle event from
-the server's publish time (the libvirt callback) to its own receipt. Prints JSON lines.
+"""Event fan-out clients: N WebSockets in one process, each timing every lifecycle event (or
+`stats` message, with a fifth argument `stats`) from the server's publish time (the libvirt
+callback) to its own receipt. Prints JSON lines.
 With --resume: N WebSockets that resume at once from an id and time getting what they missed.
 
 Raw sockets on epoll with minimal frame parsing, timestamped at recv(): one Python process
@@ -68,7 +69,9 @@ class Connection:
         self.sock.send(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
 
 
-def main(url: str, clients: int, expected: int, seconds: float) -> None:
+def main(url: str, clients: int, expected: int, seconds: float, kind: str = "lifecycle") -> None:
+    # Stats come on a clock: a client that connected early counts only its first `expected`.
+    marker, capped = f'"type": "{kind}"'.encode(), kind == "stats"
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     hostport, _, path = url.removeprefix("ws://").partition("/")
@@ -100,7 +103,8 @@ def main(url: str, clients: int, expected: int, seconds: float) -> None:
                     connection.closed = True
                 elif opcode == OPCODE_TEXT and not connection.snapshot:
                     connection.snapshot = True
-                elif opcode == OPCODE_TEXT and b'"type": "lifecycle"' in payload:
+                elif opcode == OPCODE_TEXT and marker in payload and not (
+                        capped and connection.events >= expected):
                     delays.append(now - float(TIME.search(payload).group(1)))
                     connection.events += 1
         if not announced and all(c.snapshot for c in connections):
@@ -157,4 +161,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "--resume":
         resume(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     else:
-        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), *sys.argv[5:])

@@ -1,10 +1,11 @@
 """webvirt benchmarks, in one run on one machine; prints a table.
 
-    .venv/bin/python bench/run.py            # full run (about two minutes)
+    .venv/bin/python bench/run.py            # full run (about ten minutes)
     .venv/bin/python bench/run.py --quick    # smoke run (the test suite uses it)
 
 Needs wrk (apt-get install wrk) for the HTTP rows, and for the last rows the real libvirtd and
-QEMU that scripts/install --test installs.
+QEMU that scripts/install --test installs. The rows of /metrics and live stats are made in
+bench/usage.py.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import usage  # noqa: E402
 from support.processes import free_port, status_number, wait_until_serving  # noqa: E402
 
 DEMO_URI = f"test://{REPO / 'demo' / 'host.xml'}"
@@ -274,8 +276,14 @@ def main() -> int:
     seconds, clients, changes, calls, burst = ((1, 50, 4, 50, 100) if args.quick
                                                else (10, 1000, 20, 2000, 1000))
     rows = http_rows(seconds) + fanout_rows(clients, changes) + resume_rows(clients, burst)
+    # Live stats: clients, messages, seconds apart.
+    rows += usage.stats_rows(Row, start_webvirt, free_port, clients,
+                             *((3, 0.5) if args.quick else (10, 2.0)))
     if not args.no_qemu:
         rows += qemu_rows(calls)
+        # Running guests, requests each.
+        rows += usage.real_daemon_rows(Row, start_webvirt, free_port,
+                                       *(((1, 3), 5) if args.quick else ((1, 10, 50), 30)))
     print_table(rows)
     return 0 if all(r.ok is not False for r in rows) else 1
 

@@ -61,6 +61,7 @@ def test_serves_api_docs_and_dashboard_from_bundled_files(binary: Path, tmp_path
         assert len(get("/static/swagger/swagger-ui-bundle.js")) > 500_000
         assert b"/static/app.js" in get("/")
         assert b"webvirt" in get("/static/app.js")
+        assert b"\nlibvirt_up 1.0\n" in get("/metrics")  # prometheus-client is bundled
     finally:
         server.terminate()
         _, log = server.communicate(timeout=10)

@@ -26,6 +26,7 @@ from webvirt.api_domains import (
     suspend,
 )
 from webvirt.api_events import events
+from webvirt.api_metrics import metrics
 from webvirt.api_rules import (
     create_rule,
     delete_rule,
@@ -34,15 +35,26 @@ from webvirt.api_rules import (
     publish_change,
     replace_rule,
 )
-from webvirt.appkeys import EVENT_HUB, HOST, RULES, SETTINGS, TEMPLATES, USB_RECONCILER
+from webvirt.appkeys import (
+    EVENT_HUB,
+    HOST,
+    METRICS,
+    RULES,
+    SETTINGS,
+    TEMPLATES,
+    USAGE,
+    USB_RECONCILER,
+)
 from webvirt.config import Settings
 from webvirt.host import Host
 from webvirt.hub import EventHub
+from webvirt.metrics import Metrics
 from webvirt.middlewares import json_errors
 from webvirt.openapi import setup_openapi
 from webvirt.rules_store import RuleStore
 from webvirt.security import Guard, reads
 from webvirt.templates import TemplateStore
+from webvirt.usage import UsageSampler
 from webvirt.usb_reconciler import UsbReconciler
 
 
@@ -80,6 +92,13 @@ async def send_heartbeats(hub: EventHub, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         hub.heartbeat()
+
+
+async def live_usage(app: web.Application) -> AsyncIterator[None]:
+    sampler = app[USAGE]
+    sampler.start()
+    yield
+    await sampler.close()
 
 
 async def end_event_streams(app: web.Application) -> None:
@@ -148,6 +167,8 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/0/rules/{id}", reads(get_rule), allow_head=False)
     router.add_put("/api/0/rules/{id}", replace_rule)
     router.add_delete("/api/0/rules/{id}", delete_rule)
+    # Where Prometheus looks by default; guarded like /api/ (security.PROTECTED_PATHS).
+    router.add_get("/metrics", reads(metrics), allow_head=False)
     setup_openapi(app)  # last: the spec is built from the routes above
 
 
@@ -160,8 +181,11 @@ def create_app(settings: Settings) -> web.Application:
                      reconcile_s=settings.reconcile_s)
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
     app[RULES] = RuleStore(settings.state_dir)
+    app[METRICS] = Metrics(hub, app[HOST])
+    app[USAGE] = UsageSampler(app[HOST], hub, settings.stats_interval_s)
     # The rule store first: a state folder that cannot be used is said before libvirt is tried.
-    app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream])
+    app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream,
+                            live_usage])
     app.on_shutdown.append(end_event_streams)
     app.on_response_prepare.append(guard.cors_headers)
 

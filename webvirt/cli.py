@@ -71,6 +71,13 @@ def count(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="webvirt",
@@ -110,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--replay-buffer", metavar="EVENTS", type=int, default=1000,
                         help="events kept for event clients that resume after a reconnect "
+                             "(default: %(default)s)")
+    parser.add_argument("--stats-interval", metavar="SECONDS", type=seconds, default=2.0,
+                        help="seconds between live usage messages (CPU, memory, disk, network) "
+                             "on the event stream, sent to clients that ask with ?type=stats "
                              "(default: %(default)s)")
     parser.add_argument("--overlays", metavar="DIR", type=Path, default=None,
                         help="serve your own overlay pages (OBS browser sources) from DIR at "
@@ -188,6 +199,7 @@ def run(args: argparse.Namespace) -> str | None:
         devices_dir=args.devices or default_devices_dir(),
         call_timeout=args.call_timeout,
         replay_events=max(0, args.replay_buffer),
+        stats_interval_s=args.stats_interval,
         token=args.token,
         allowed_hosts=split_hosts(args.allow_host),
         read_tokens=tuple(args.read_token),

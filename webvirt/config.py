@@ -31,6 +31,8 @@ class Settings:
     heartbeat_s: float = 15.0
     # Events kept for clients that resume after a reconnect (by count).
     replay_events: int = 1000
+    # Seconds between live `stats` messages (sampled only while a client asks for them).
+    stats_interval_s: float = 2.0
     token: str | None = None
     # Tokens that may read (state, lists, events) but not act.
     read_tokens: tuple[str, ...] = ()

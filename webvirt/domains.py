@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from typing import Any
 
 import libvirt
 
@@ -137,20 +136,3 @@ def xml_for(conn: libvirt.virConnect, uuid: str, *, live: bool) -> str:
 
 def detach(conn: libvirt.virConnect, uuid: str, xml: str, flags: int) -> None:
     conn.lookupByUUIDString(uuid).detachDeviceFlags(xml, flags)
-
-
-def summary(dom: libvirt.virDomain) -> dict[str, Any]:
-    state_code, _max_mem, memory_kib, vcpus, _cpu_time = dom.info()
-    return {
-        "name": dom.name(),
-        "uuid": dom.UUIDString(),
-        "state": state_name(state_code),
-        "vcpus": vcpus,
-        "memory_kib": memory_kib,
-        "autostart": bool(dom.autostart()),
-        "persistent": bool(dom.isPersistent()),
-    }
-
-
-def list_summaries(conn: libvirt.virConnect) -> list[dict[str, Any]]:
-    return sorted((summary(d) for d in conn.listAllDomains()), key=lambda d: d["name"])

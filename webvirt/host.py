@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 import uuid as uuid_module
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -84,6 +85,8 @@ class Host:
         self._reconnector: asyncio.Task[None] | None = None
         self._closing = False
         self._ever_connected = False
+        # Told the seconds each call took, queueing included (webvirt/metrics.py).
+        self.call_listeners: list[Callable[[float], None]] = []
         hub.state_source = self.snapshot
 
     @property
@@ -206,12 +209,16 @@ class Host:
         if not self._connections:
             raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
         connection = min(self._connections, key=lambda c: c.pending)
+        started = time.perf_counter()
         try:
             return await connection.call(fn, self.call_timeout if seconds is None else seconds)
         except libvirt.libvirtError as err:
             if is_connection_error(err):
                 connection.retire(f"call failed: {err.get_error_message()}")
             error = from_libvirt(err)
+        finally:
+            for listener in self.call_listeners:
+                listener(time.perf_counter() - started)
         # Raised outside the except block: a chained libvirtError's traceback would keep
         # domain objects (and so the connection) alive in a reference cycle.
         raise error

@@ -85,10 +85,14 @@ CATEGORIES: dict[str, frozenset[str]] = {
                          "attach", "detach", "rule", "rule-changed"}),
     "host": frozenset({"node-device-added", "node-device-removed"}),
     "connection": frozenset({"connection"}),
+    # Live usage every --stats-interval (webvirt/usage.py): only to clients that ask for it.
+    "stats": frozenset({"stats"}),
 }
 EVENT_TYPES = frozenset().union(*CATEGORIES.values())
 # Always delivered, whatever the filter.
 CONTROL_TYPES = frozenset({"snapshot", "heartbeat", "lagging"})
+# Left out unless the filter names them: no filter means every event, not a gauge per second.
+OPT_IN_TYPES = CATEGORIES["stats"]
 
 
 @dataclass(frozen=True)
@@ -111,9 +115,15 @@ class EventFilter:
                                code="bad_parameter")
         return cls(domains, frozenset(types) if types is not None else None)
 
+    @property
+    def wants_stats(self) -> bool:
+        return self.types is not None and "stats" in self.types
+
     def wants(self, kind: str, domain: str | None) -> bool:
         if kind in CONTROL_TYPES:
             return True
+        if self.types is None and kind in OPT_IN_TYPES:
+            return False
         if self.types is not None and kind not in self.types:
             return False
         return self.domains is None or domain is None or domain in self.domains
@@ -163,6 +173,9 @@ class EventHub:
         # The latest events, for clients that resume; bounded by count.
         self._replay: collections.deque[Published] = collections.deque(maxlen=replay_events)
         self._subscribers: set[Subscriber] = set()
+        # Those whose filter asks for stats; set while there is one (the sampler waits on it).
+        self._stats_subscribers: set[Subscriber] = set()
+        self.stats_wanted = asyncio.Event()
         self._watchers: list[tuple[Callable[[dict[str, Any]], bool], asyncio.Future[None]]] = []
         # In-process consumers (the USB reconciler): called with each event, in order.
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
@@ -221,6 +234,9 @@ class EventHub:
             subscriber.replay([p.outgoing for p in missed
                                if subscriber.filter.wants(p.kind, p.domain)])
         self._subscribers.add(subscriber)
+        if subscriber.filter.wants_stats:
+            self._stats_subscribers.add(subscriber)
+            self.stats_wanted.set()
 
     def events_after(self, last_event_id: str) -> list[Published] | None:
         """The events after that id, or None when they are not all here any more (or the id
@@ -236,6 +252,28 @@ class EventHub:
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.discard(subscriber)
+        self._stats_subscribers.discard(subscriber)
+        if not self._stats_subscribers:
+            self.stats_wanted.clear()
+
+    @property
+    def stats_client_count(self) -> int:
+        return len(self._stats_subscribers)
+
+    def broadcast_stats(self, domains: list[dict[str, Any]], **fields: Any) -> None:
+        """A live gauge, not an event: no seq of its own (it carries the latest event's id and
+        seq, as a heartbeat does), never in the replay buffer (a resuming client gets none of
+        the stale ones), only to clients that asked for stats, with their domain filter
+        applied. Serialized once per distinct domain filter."""
+        built: dict[frozenset[str] | None, Outgoing] = {}
+        for subscriber in self._stats_subscribers:
+            wanted = subscriber.filter.domains
+            outgoing = built.get(wanted)
+            if outgoing is None:
+                outgoing = built[wanted] = self._control(
+                    "stats", **fields,
+                    domains=[d for d in domains if wanted is None or d["domain"] in wanted])
+            subscriber.offer(outgoing)
 
     def snapshot(self, event_filter: EventFilter, resync: bool = False) -> Outgoing:
         wanted = event_filter.domains

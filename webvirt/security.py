@@ -34,6 +34,8 @@ from webvirt.schemas import check_path
 log = logging.getLogger(__name__)
 
 PROTECTED_PREFIX = "/api/"
+# Outside /api/ but guarded the same way: Prometheus looks for /metrics by default.
+PROTECTED_PATHS = frozenset({"/metrics"})
 # Set by reads() on the handlers of routes that change nothing: what a read token may use,
 # and what an allowed other origin may fetch. Everything else is an action.
 READS_ATTR = "webvirt_reads"
@@ -142,6 +144,10 @@ def reads(handler: H) -> H:
     return handler
 
 
+def is_api(path: str) -> bool:
+    return path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS
+
+
 def only_reads(request: web.Request) -> bool:
     return request.method == "GET" and getattr(request.match_info.handler, READS_ATTR, False)
 
@@ -179,7 +185,7 @@ class Guard:
         """on_response_prepare: lets an allowed origin's page read what it may read (an event
         stream too, whose headers leave before its handler ends)."""
         origin = self.allowed_origin(request)
-        if origin and request.path.startswith(PROTECTED_PREFIX) and (
+        if origin and is_api(request.path) and (
                 only_reads(request) or request.method == "OPTIONS"):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers.add("Vary", "Origin")
@@ -229,7 +235,7 @@ class Guard:
             return refuse(request, 403, "host_not_allowed",
                           f"Host {request.headers.get('Host')!r} is not an allowed name for "
                           "this server (start webvirt with --allow-host NAME to add it)")
-        if request.path.startswith(PROTECTED_PREFIX) and request.path not in PUBLIC_PATHS:
+        if is_api(request.path) and request.path not in PUBLIC_PATHS:
             if request.method == "OPTIONS" and self.allowed_origin(request):
                 return preflight()
             reason = self.cross_site(request)
