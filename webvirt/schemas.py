@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami.constants import SCHEMAS_ATTR
-from marshmallow import EXCLUDE, Schema, ValidationError, fields
-from marshmallow.validate import Range, Regexp
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow.validate import Equal, Range, Regexp
 
 from webvirt.errors import ApiError
 from webvirt.rules import HEX_ID_PATTERN, PORT_PATTERN, SERIAL_MAX_LENGTH, SERIAL_PATTERN
@@ -247,8 +247,11 @@ class RuleBody(Schema):
                                                 "description": MATCH_DESCRIPTION})
     enabled = fields.Bool(load_default=True, metadata={
         "description": "Whether the rule acts (default true)"})
-    persistent = fields.Bool(load_default=False, metadata={
-        "description": "Also attach to the saved configuration (default false)"})
+    persistent = fields.Bool(load_default=False, validate=Equal(False), metadata={
+        "enum": [False],
+        "description": "Only false: webvirt attaches the device at every start of the VM "
+                       "(saved in its definition, a USB device could keep the VM from "
+                       "starting while another VM holds it)"})
 
 
 class UsbRule(Schema):
