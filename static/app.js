@@ -687,7 +687,8 @@ function usageBox(box) {
     svg.setAttribute("preserveAspectRatio", "none");
     svg.setAttribute("role", "img");
     svg.setAttribute("aria-label", `${label} over the last ${USAGE_SECONDS / 60} minutes`);
-    svg.append(document.createElementNS(SVG, "polyline"));
+    svg.append(document.createElementNS(SVG, "polygon"),
+      document.createElementNS(SVG, "polyline"));
     row.append(text, svg);
     box.append(row);
   }
@@ -709,8 +710,16 @@ function renderUsage(name) {
     `CPU ${formatNumber(latest.guest_cpu_percent)} %`;
   box.querySelector(".gauge-memory .gauge-text").textContent =
     `RAM ${memoryText(latest.memory_bytes, latest.memory_total_bytes)}`;
-  box.querySelector(".gauge-cpu polyline").setAttribute("points", points(history.cpu, 100));
-  box.querySelector(".gauge-memory polyline").setAttribute("points", points(history.memory, 1));
+  drawSpark(box.querySelector(".gauge-cpu svg"), history.cpu, 100);
+  drawSpark(box.querySelector(".gauge-memory svg"), history.memory, 1);
+}
+
+// The line, and the area under it down to the base line.
+function drawSpark(svg, values, top) {
+  const line = points(values, top);
+  const left = line.slice(0, line.indexOf(","));
+  svg.lastChild.setAttribute("points", line);
+  svg.firstChild.setAttribute("points", `${line} 100,100 ${left},100`);
 }
 
 // The newest sample at the right edge, one step per sample: a full window spans 0-100.
