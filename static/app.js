@@ -118,6 +118,7 @@ function renderDomain(domain) {
     card.className = "card";
     card.dataset.domain = domain.name;
     card.innerHTML = `<div class="card-head"><h3></h3><span class="state"></span></div>
+      <div class="usage" hidden></div>
       <div class="buttons"></div><ul class="hostdevs" hidden></ul>
       <p class="message card-message" role="status" hidden></p>`;
     card.querySelector("h3").textContent = domain.name;
@@ -142,6 +143,7 @@ function renderDomain(domain) {
   for (const [action, , states] of ACTIONS) {
     card.querySelector(`[data-action="${action}"]`).hidden = !states.includes(domain.state);
   }
+  renderUsage(domain.name);
 }
 
 function renderAll() {
@@ -236,6 +238,11 @@ function heldItem(name, hostdev) {
   button.addEventListener("click", () => detachHeld(name, hostdev, title));
   item.append(text, button);
   return item;
+}
+
+// Running or paused: the VMs that live usage is sent for.
+function isActive(name) {
+  return domains.has(name) && ["running", "paused"].includes(domains.get(name).state);
 }
 
 function isShutOff(name) {
@@ -620,12 +627,126 @@ $("device-form").addEventListener("submit", async (event) => {
   }
 });
 
+// --- Live usage: a CPU and a memory sparkline per running VM, from "stats" messages -----------
+
+const USAGE_SECONDS = 300; // what a graph shows: the last five minutes
+const SVG = "http://www.w3.org/2000/svg";
+const usage = new Map(); // VM name -> {cpu: [0-100…], memory: [0-1…], latest (its stats entry)}
+let usageSamples = 150; // USAGE_SECONDS at the server's --stats-interval
+let usageStale = false; // stats came while the page was hidden: drawn when it shows again
+
+function addStats(message) {
+  if (message.interval > 0) {
+    usageSamples = Math.min(600, Math.max(10, Math.round(USAGE_SECONDS / message.interval)));
+  }
+  const seen = new Set();
+  for (const entry of message.domains) {
+    if (!domains.has(entry.domain)) continue;
+    seen.add(entry.domain);
+    let history = usage.get(entry.domain);
+    if (!history) usage.set(entry.domain, history = { cpu: [], memory: [] });
+    history.latest = entry;
+    push(history.cpu, clamp(entry.guest_cpu_percent, 0, 100));
+    push(history.memory, entry.memory_total_bytes
+      ? clamp(entry.memory_bytes / entry.memory_total_bytes, 0, 1) : 0);
+  }
+  // Every running or paused VM is in each message (from its second sample on): one that is
+  // missing has stopped.
+  for (const name of [...usage.keys()]) if (!seen.has(name)) usage.delete(name);
+  if (document.hidden) usageStale = true;
+  else for (const name of domains.keys()) renderUsage(name);
+}
+
+function push(values, value) {
+  values.push(value);
+  if (values.length > usageSamples) values.splice(0, values.length - usageSamples);
+}
+
+function clamp(value, low, high) {
+  return Math.min(high, Math.max(low, Number(value) || 0));
+}
+
+// A stopped VM drops its graph (and starts a fresh one when it runs again).
+function dropUsage(name) {
+  if (usage.delete(name)) renderUsage(name);
+}
+
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden || !usageStale) return;
+  usageStale = false;
+  for (const name of domains.keys()) renderUsage(name);
+});
+
+function usageBox(box) {
+  for (const [kind, label] of [["cpu", "CPU"], ["memory", "Memory"]]) {
+    const row = el("div", `gauge gauge-${kind}`);
+    const text = el("span", "gauge-text");
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("class", "spark");
+    svg.setAttribute("viewBox", "0 -3 100 106");
+    svg.setAttribute("preserveAspectRatio", "none");
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", `${label} over the last ${USAGE_SECONDS / 60} minutes`);
+    svg.append(document.createElementNS(SVG, "polygon"),
+      document.createElementNS(SVG, "polyline"));
+    row.append(text, svg);
+    box.append(row);
+  }
+}
+
+function renderUsage(name) {
+  const card = cardOf(name);
+  if (!card) return;
+  const box = card.querySelector(".usage");
+  const history = usage.get(name);
+  box.hidden = !history;
+  if (!history) {
+    box.replaceChildren(); // built again, empty, when it runs again
+    return;
+  }
+  if (!box.firstChild) usageBox(box);
+  const { latest } = history;
+  box.querySelector(".gauge-cpu .gauge-text").textContent =
+    `CPU ${formatNumber(latest.guest_cpu_percent)} %`;
+  box.querySelector(".gauge-memory .gauge-text").textContent =
+    `RAM ${memoryText(latest.memory_bytes, latest.memory_total_bytes)}`;
+  drawSpark(box.querySelector(".gauge-cpu svg"), history.cpu, 100);
+  drawSpark(box.querySelector(".gauge-memory svg"), history.memory, 1);
+}
+
+// The line, and the area under it down to the base line.
+function drawSpark(svg, values, top) {
+  const line = points(values, top);
+  const left = line.slice(0, line.indexOf(","));
+  svg.lastChild.setAttribute("points", line);
+  svg.firstChild.setAttribute("points", `${line} 100,100 ${left},100`);
+}
+
+// The newest sample at the right edge, one step per sample: a full window spans 0-100.
+function points(values, top) {
+  const step = 100 / Math.max(1, usageSamples - 1);
+  const start = 100 - (values.length - 1) * step;
+  return values.map((value, i) =>
+    `${(start + i * step).toFixed(1)},${(100 - (value / top) * 100).toFixed(1)}`).join(" ");
+}
+
+function formatNumber(value) {
+  const number = Number(value) || 0;
+  return number >= 10 ? String(Math.round(number)) : number.toFixed(1).replace(/\.0$/, "");
+}
+
+function memoryText(used, total) {
+  const unit = total >= 2 ** 30 ? ["GiB", 2 ** 30] : ["MiB", 2 ** 20];
+  return `${formatNumber(used / unit[1])} / ${formatNumber(total / unit[1])} ${unit[0]}`;
+}
+
 // --- Live events ------------------------------------------------------------
 
 let socket = null;
 let retryDelay = 500;
 let lastEventId = null; // resume from here after a reconnect: no event is missed
 let retryTimer = null;
+const STREAM_TYPES = "lifecycle,device,host,connection,stats";
 
 function connect() {
   clearTimeout(retryTimer); // a reconnect by hand (new token) replaces a pending one
@@ -634,6 +755,8 @@ function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
   const params = new URLSearchParams();
   if (token) params.set("token", token);
+  // Every event category, and the live usage (which no type would leave out).
+  params.set("type", STREAM_TYPES);
   if (lastEventId) params.set("last_event_id", lastEventId);
   const query = params.size ? `?${params}` : "";
   socket = new WebSocket(`${scheme}://${location.host}/api/0/events${query}`);
@@ -664,6 +787,7 @@ function handle(message) {
       domains.clear();
       for (const domain of message.domains) domains.set(domain.name, domain);
       for (const name of [...held.keys()]) if (!domains.has(name)) held.delete(name);
+      for (const name of [...usage.keys()]) if (!isActive(name)) usage.delete(name);
       renderAll();
       setConnection(message.connected ? "live" : "libvirt unreachable", message.connected ? "ok" : "bad");
       // The first message, or a fresh start: read again what events keep current.
@@ -681,6 +805,7 @@ function handle(message) {
         domains.set(message.domain, { name: message.domain, uuid: message.uuid, state: message.state });
       }
       renderAll();
+      if (!isActive(message.domain)) dropUsage(message.domain);
       if (message.type === "lifecycle") log(`${message.domain}: ${message.event} (${message.detail})`);
       else log(`${message.domain}: now ${message.state} (was ${message.previous})`);
       // Started or stopped: its live definition is not its saved one, and what it holds counts.
@@ -735,6 +860,9 @@ function handle(message) {
     case "rule-changed":
       if (message.change === "deleted") ruleErrors.delete(message.rule);
       refreshRules();
+      break;
+    case "stats":
+      addStats(message);
       break;
     case "lagging":
       log("fell behind the event stream; reconnecting", "error");
