@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp_apigami.constants import SCHEMAS_ATTR
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields
 from marshmallow.validate import Equal, Range, Regexp
 
 from webvirt.errors import ApiError
