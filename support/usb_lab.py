@@ -13,6 +13,7 @@ overlay. Used by tests/conftest.py and by hand through scripts/usb-lab.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import fcntl
@@ -36,7 +37,7 @@ RECIPE_VERSION = 1
 PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "initramfs-tools", "linux-image-amd64",
     "libvirt-daemon-system", "libvirt-daemon", "libvirt-daemon-driver-qemu",
-    "qemu-system-x86", "libvirt-clients", "usbutils", "iproute2",
+    "qemu-system-x86", "libvirt-clients", "usbutils", "iproute2", "qemu-guest-agent",
 )
 # Kernel module trees no lab host needs: most of the image's size.
 UNNEEDED_MODULES = (
@@ -306,6 +307,10 @@ class Lab:
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:16509",
             "-device", "virtio-net-pci,netdev=n0",
             "-qmp", f"unix:{qmp},server=on,wait=off",
+            # The guest agent: how commands are run in the lab host (Lab.run).
+            "-chardev", f"socket,id=qga,path={run_dir / 'qga.sock'},server=on,wait=off",
+            "-device", "virtio-serial-pci",
+            "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
             "-serial", f"file:{console}", "-no-reboot",
         ]
         with (run_dir / "qemu.log").open("w") as qemu_log:
@@ -386,6 +391,43 @@ class Lab:
                 os.kill(self.state.pid, 9)
         for name in ("overlay.qcow2", "lab.json"):
             (Path(self.state.run_dir) / name).unlink(missing_ok=True)
+
+    def run(self, *argv: str, seconds: float = 60) -> str:
+        """Runs a command in the lab host, through its guest agent (e.g. to restart its
+        libvirtd); its output, or LabError with it when the command fails."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(seconds)
+            sock.connect(str(Path(self.state.run_dir) / "qga.sock"))
+            stream = sock.makefile("rw")
+
+            def ask(command: str, **arguments: Any) -> Any:
+                stream.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
+                stream.flush()
+                while True:  # a reply an earlier caller left behind is skipped
+                    line = stream.readline()
+                    if not line:
+                        raise LabError("the lab host's guest agent closed the connection")
+                    reply: dict[str, Any] = json.loads(line)
+                    if command != "guest-sync" or reply.get("return") == arguments["id"]:
+                        break
+                if "error" in reply:
+                    raise LabError(f"guest agent {command}: {reply['error'].get('desc')}")
+                return reply.get("return")
+
+            ask("guest-sync", id=os.getpid())
+            pid = ask("guest-exec", path=argv[0], arg=list(argv[1:]),
+                      **{"capture-output": True})["pid"]
+            deadline = time.monotonic() + seconds
+            while not (status := ask("guest-exec-status", pid=pid))["exited"]:
+                if time.monotonic() > deadline:
+                    raise LabError(f"{' '.join(argv)} did not end within {seconds} s")
+                time.sleep(0.1)
+        output = "".join(base64.b64decode(status.get(k, "")).decode(errors="replace")
+                         for k in ("out-data", "err-data"))
+        if status.get("exitcode") != 0:
+            raise LabError(f"{' '.join(argv)} failed ({status.get('exitcode')}): "
+                           f"{output.strip()}")
+        return output
 
     # Plugging.
 

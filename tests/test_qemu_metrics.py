@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import ClientFactory
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 from tests.test_metrics import by_device, by_domain, scrape
-from tests.waiting import next_message
+from tests.waiting import next_message, until
 from webvirt.domains import state_name
 
 pytestmark = pytest.mark.qemu
@@ -55,8 +55,11 @@ def read_libvirt(conn: libvirt.virConnect) -> dict[str, Any]:
 
 async def test_metrics_of_real_guests(qemu_client: TestClient, qemu_conn: libvirt.virConnect,
                                       libvirt_daemon: LibvirtDaemon) -> None:
-    qemu_conn.defineXML(spinning_guest(libvirt_daemon, "spin")).create()
+    spin = qemu_conn.defineXML(spinning_guest(libvirt_daemon, "spin"))
+    spin.create()
     qemu_conn.defineXML(cold_guest("cold"))
+    # Until the BIOS has read the boot sector (a moment after the start, longer under load).
+    await until(lambda: spin.blockStats("vda")[1] >= 512, 30, "the boot sector is read")
     before = read_libvirt(qemu_conn)
     samples = await scrape(qemu_client)
     after = read_libvirt(qemu_conn)

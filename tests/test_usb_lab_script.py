@@ -45,7 +45,7 @@ def test_a_built_image_is_taken_from_the_cache(tmp_path: Path) -> None:
 def test_the_commands_say_what_they_do_and_fail_in_one_line(tmp_path: Path) -> None:
     script = [sys.executable, str(REPO / "scripts" / "usb-lab"), "--run-dir", str(tmp_path)]
     usage = subprocess.run([*script, "-h"], capture_output=True, text=True, check=True)
-    for command in ("build", "up", "plug", "unplug", "status", "down"):
+    for command in ("build", "up", "plug", "unplug", "status", "run", "down"):
         assert command in usage.stdout
     status = subprocess.run([*script, "status"], capture_output=True, text=True)
     assert status.returncode == 1

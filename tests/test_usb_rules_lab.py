@@ -168,3 +168,24 @@ async def test_a_plug_while_the_lab_host_was_frozen_is_given_after_the_reconnect
             usb_lab.qmp("cont")
         await next_message(ws, lambda m: m.get("state") == "restored", 30)
     await follows(lab_client, "056a:0000")
+
+
+# libvirtd and its sockets in the lab host (socket-activated: with a socket left listening, the
+# next connection would start it again at once).
+LIBVIRTD_SOCKETS = ("libvirtd-tcp.socket", "libvirtd.socket", "libvirtd-ro.socket",
+                    "libvirtd-admin.socket")
+
+
+async def test_a_plug_while_libvirtd_was_stopped_is_given_after_it_restarts(
+        usb_lab: Lab, lab_client: TestClient) -> None:
+    await add_rule(lab_client, WACOM_RULE)
+    async with event_stream(lab_client, "connection") as ws:
+        await asyncio.to_thread(usb_lab.run, "systemctl", "stop", "libvirtd.service",
+                                *LIBVIRTD_SOCKETS)
+        try:
+            await next_message(ws, lambda m: m.get("state") == "lost", 30)
+            usb_lab.plug("wacom")
+        finally:
+            await asyncio.to_thread(usb_lab.run, "systemctl", "start", *LIBVIRTD_SOCKETS)
+        await next_message(ws, lambda m: m.get("state") == "restored", 60)
+    await follows(lab_client, "056a:0000")
