@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from support.usb_lab import GUEST_NAME, Lab
 from tests.waiting import next_message, until
+from webvirt.host_devices import read_node_devices
 
 pytestmark = pytest.mark.usb_lab
 
@@ -176,8 +177,9 @@ async def test_a_held_by_follows_the_address_not_the_ids(
     guest = lab_conn.lookupByName(GUEST_NAME)
 
     def wacoms() -> list[str]:
-        return [d.name() for d in lab_conn.listAllDevices(
-            libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_USB_DEV) if "0x056a" in d.XMLDesc()]
+        flags = libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_USB_DEV
+        return [d["name"] for d in read_node_devices(lab_conn, flags)  # skips the vanished
+                if d["vendor_id"] == "056a"]
 
     usb_lab.plug("wacom")
     await until(lambda: len(wacoms()) == 1, 10, "the wacom is listed")
