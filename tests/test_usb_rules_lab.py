@@ -170,6 +170,20 @@ async def test_a_plug_while_the_lab_host_was_frozen_is_given_after_the_reconnect
     await follows(lab_client, "056a:0000")
 
 
+
+async def test_two_alike_devices_are_both_given(usb_lab: Lab, lab_client: TestClient) -> None:
+    """The keyboard and the mouse share 0627:0001: libvirt refuses an attach by ids alone
+    ("Multiple USB devices"); the rule attaches each by its address too."""
+    await add_rule(lab_client, {"domain": GUEST_NAME,
+                                "match": {"vendor_id": "0627", "product_id": "0001"}})
+    usb_lab.plug("keyboard")
+    usb_lab.plug("mouse")
+
+    async def both() -> bool:
+        return await held_ids(lab_client) == ["0627:0001", "0627:0001"]
+
+    await until(both, 10, "both alike devices are held")
+
 # libvirtd and its sockets in the lab host (socket-activated: with a socket left listening, the
 # next connection would start it again at once).
 LIBVIRTD_SOCKETS = ("libvirtd-tcp.socket", "libvirtd.socket", "libvirtd-ro.socket",
