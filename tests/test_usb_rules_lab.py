@@ -60,7 +60,8 @@ def second_guest(lab_conn: libvirt.virConnect) -> Iterator[str]:
     guest = lab_conn.defineXML(GUEST_XML.replace(GUEST_NAME, SECOND_GUEST))
     guest.create()
     yield SECOND_GUEST
-    guest.destroy()
+    if guest.isActive():
+        guest.destroy()
     guest.undefine()
 
 
@@ -183,6 +184,25 @@ async def test_two_alike_devices_are_both_given(usb_lab: Lab, lab_client: TestCl
         return await held_ids(lab_client) == ["0627:0001", "0627:0001"]
 
     await until(both, 10, "both alike devices are held")
+
+
+async def test_an_older_rule_takes_the_device_from_a_younger_rules_guest_when_it_starts(
+        usb_lab: Lab, lab_client: TestClient, second_guest: str) -> None:
+    older = await add_rule(lab_client, {**WACOM_RULE, "domain": second_guest})
+    await add_rule(lab_client, WACOM_RULE)  # younger
+    assert (await lab_client.get(f"/api/0/destroy/{second_guest}")).status == 200
+    usb_lab.plug("wacom")
+    await follows(lab_client, "056a:0000")  # only the younger rule's guest runs
+    async with event_stream(lab_client, "device") as ws:
+        assert (await lab_client.get(f"/api/0/start/{second_guest}")).status == 200
+        taken = await next_message(ws, lambda m: m["type"] == "rule")
+        given = await next_message(ws, lambda m: m["type"] == "rule")
+    assert (taken["action"], taken["domain"], taken["result"]) == ("detach", GUEST_NAME, "ok")
+    assert taken["rule"] == older["id"]
+    assert (given["action"], given["domain"], given["result"]) == (
+        "attach", second_guest, "ok")
+    assert await held_ids(lab_client, second_guest) == ["056a:0000"]
+    assert await held_ids(lab_client) == []
 
 # libvirtd and its sockets in the lab host (socket-activated: with a socket left listening, the
 # next connection would start it again at once).
