@@ -191,9 +191,11 @@ async def test_an_older_rule_takes_the_device_from_a_younger_rules_guest_when_it
     older = await add_rule(lab_client, {**WACOM_RULE, "domain": second_guest})
     await add_rule(lab_client, WACOM_RULE)  # younger
     assert (await lab_client.get(f"/api/0/destroy/{second_guest}")).status == 200
-    usb_lab.plug("wacom")
-    await follows(lab_client, "056a:0000")  # only the younger rule's guest runs
     async with event_stream(lab_client, "device") as ws:
+        usb_lab.plug("wacom")
+        first = await next_message(ws, lambda m: m["type"] == "rule")  # only its guest runs
+        assert (first["action"], first["domain"], first["result"]) == (
+            "attach", GUEST_NAME, "ok")
         assert (await lab_client.get(f"/api/0/start/{second_guest}")).status == 200
         taken = await next_message(ws, lambda m: m["type"] == "rule")
         given = await next_message(ws, lambda m: m["type"] == "rule")
