@@ -138,7 +138,7 @@ def host_inventory(conn: libvirt.virConnect, local: bool) -> list[dict[str, Any]
     (their live definition) and the domains whose saved definition names it."""
     flags = (libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_USB_DEV
              | libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_PCI_DEV)
-    devices = [d for d in read_node_devices(conn, flags, local) if d["type"] in ("usb", "pci")]
+    devices = [d for d in read_node_devices(conn, flags, local) if device_xml.is_host_device(d)]
     held, configured = [], []
     for dom in conn.listAllDomains():
         if dom.isActive():

@@ -81,7 +81,12 @@ def hostdevs(domain_xml: str) -> list[dict[str, Any]]:
 def node_device(xml: str) -> dict[str, Any] | None:
     """A host USB or PCI device from its node-device XML."""
     description = describe_node_device(xml)
-    return description if description["type"] in ("usb", "pci") else None
+    return description if is_host_device(description) else None
+
+
+def is_host_device(description: dict[str, Any]) -> bool:
+    """A device a domain can be given (USB or PCI), of those describe_node_device describes."""
+    return description["type"] in ("usb", "pci")
 
 
 def describe_node_device(xml: str) -> dict[str, Any]:

@@ -23,12 +23,6 @@ class HostDevices:
     def __init__(self) -> None:
         self._by_name: dict[str, Description] = {}
 
-    def __iter__(self) -> Any:
-        return iter(self._by_name.values())
-
-    def get(self, name: str) -> Description | None:
-        return self._by_name.get(name)
-
     def add(self, description: Description) -> bool:
         """Whether it is new (or changed): only then is it worth an event."""
         before = self._by_name.get(description["name"])
@@ -46,9 +40,6 @@ class HostDevices:
         removed = [d for name, d in self._by_name.items() if name not in fresh]
         self._by_name = fresh
         return added, removed
-
-    def usb(self) -> list[Description]:
-        return [d for d in self._by_name.values() if d["type"] == "usb"]
 
 
 def reported(description: Description) -> bool:
