@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -123,14 +124,20 @@ def qemu_conn(libvirt_daemon: LibvirtDaemon) -> Iterator[libvirt.virConnect]:
     conn = libvirt.open(libvirt_daemon.uri)
     yield conn
     try:
-        for dom in conn.listAllDomains():
+        domains = conn.listAllDomains()
+    except libvirt.libvirtError:
+        return  # the test restarted the daemon; the next test reconnects
+    for dom in domains:
+        # Each on its own: a transient domain is gone once destroyed, and asking it anything
+        # more fails, which must not leave the others behind for the next test.
+        with contextlib.suppress(libvirt.libvirtError):
+            persistent = dom.isPersistent()
             if dom.isActive():
                 dom.destroy()
-            if dom.isPersistent():
+            if persistent:
                 dom.undefine()
+    with contextlib.suppress(libvirt.libvirtError):
         conn.close()
-    except libvirt.libvirtError:
-        pass  # the test restarted the daemon; the next test reconnects
 
 
 @pytest.fixture

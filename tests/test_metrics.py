@@ -127,18 +127,61 @@ async def test_metrics_have_the_exporters_names_labels_and_libvirts_values(
         assert before["busy0"][index] <= value["busy", "busy0"] <= after["busy0"][index], name
 
 
-async def test_one_scrape_is_one_bulk_call(busy_client: TestClient,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[int] = []
-    original = libvirt.virConnect.getAllDomainStats
+def running(name: str, devices: str) -> str:
+    return (f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory>"
+            f"<os><type arch='x86_64'>hvm</type></os><devices>{devices}</devices></domain>")
 
-    def counted(conn: libvirt.virConnect, stats: int = 0, flags: int = 0) -> Any:
-        calls.append(stats)
-        return original(conn, stats, flags)
 
-    monkeypatch.setattr(libvirt.virConnect, "getAllDomainStats", counted)
-    await scrape(busy_client)
-    assert calls == [domain_stats.USAGE_GROUPS]
+BALLOON = "<memballoon model='virtio'/>"
+MONITOR_HOST_XML = "<node>" + "".join((
+    running("disked", "<disk type='file' device='disk'><source file='/guest/d.img'/>"
+                      "<target dev='vda' bus='virtio'/></disk>" + BALLOON),
+    running("ballooned", BALLOON),
+    running("vfio", "<memballoon model='none'/>"),
+)) + "</node>"
+
+
+def ask_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Which domains each stats call asked about, and for which groups."""
+    asked: list[tuple[str, int]] = []
+    every_domain = libvirt.virConnect.getAllDomainStats
+    some_domains = libvirt.virConnect.domainListGetStats
+
+    def every(conn: libvirt.virConnect, stats: int = 0, flags: int = 0) -> Any:
+        asked.append(("*", stats))
+        return every_domain(conn, stats, flags)
+
+    def some(conn: libvirt.virConnect, doms: list[libvirt.virDomain], stats: int = 0,
+             flags: int = 0) -> Any:
+        asked.append((",".join(sorted(d.name() for d in doms)), stats))
+        return some_domains(conn, doms, stats, flags)
+
+    monkeypatch.setattr(libvirt.virConnect, "getAllDomainStats", every)
+    monkeypatch.setattr(libvirt.virConnect, "domainListGetStats", some)
+    return asked
+
+
+async def test_the_qemu_monitor_is_asked_only_what_a_domain_has(
+        make_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The groups that cost a QEMU monitor round trip per domain (bench/usage.py) are asked of
+    the domains that have the device: block stats of those with disks, balloon stats (RSS) of
+    those without a balloon, where they need no monitor. The rest is one bulk call."""
+    (tmp_path / "host.xml").write_text(MONITOR_HOST_XML)
+    client = await make_client(uri=f"test://{tmp_path / 'host.xml'}")
+    asked = ask_log(monkeypatch)
+    samples = await scrape(client)
+    assert asked[0] == ("*", domain_stats.BULK_GROUPS)
+    assert sorted(asked[1:]) == [("disked", libvirt.VIR_DOMAIN_STATS_BLOCK),
+                                 ("vfio", libvirt.VIR_DOMAIN_STATS_BALLOON)]
+    assert list(by_device(samples, "libvirt_domain_block_stats_read_bytes_total")) == [
+        ("disked", "vda")]
+    assert set(by_domain(samples, "libvirt_domain_info_memory_usage_bytes")) == {
+        "disked", "ballooned", "vfio"}
+
+    # /api/0/domains needs none of it.
+    asked.clear()
+    assert (await client.get("/api/0/domains")).status == 200
+    assert asked == [("*", domain_stats.BULK_GROUPS)]
 
 
 class FakeError(libvirt.libvirtError):
@@ -157,7 +200,7 @@ class FakeDomain:
         return self._name
 
     def UUIDString(self) -> str:  # noqa: N802 (libvirt's name)
-        return f"00000000-0000-0000-0000-00000000000{len(self._name)}"
+        return f"00000000-0000-0000-0000-{self._name.encode().hex()[:12]:0>12}"
 
     def info(self) -> list[int]:
         if self.fails:

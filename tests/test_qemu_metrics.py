@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import sys
+import threading
 from typing import Any
 
 import libvirt
@@ -28,14 +29,16 @@ SPIN = b"\xeb\xfe" + bytes(508) + b"\x55\xaa"
 
 
 def spinning_guest(daemon: LibvirtDaemon, name: str) -> str:
-    """A guest whose disk boots into a busy loop (and is read once, by the BIOS)."""
+    """A guest whose disk boots into a busy loop (and is read once, by the BIOS). Like a VFIO
+    guest, it has no memory balloon: its memory in use is its QEMU process's RSS."""
     image = daemon.base / f"{name}.img"
     image.write_bytes(SPIN + bytes((1 << 20) - len(SPIN)))
     if daemon.user:
         entry = pwd.getpwnam(daemon.user)
         os.chown(image, entry.pw_uid, entry.pw_gid)
     disk = (f"<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
-            f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>\n    ")
+            f"<source file='{image}'/><target dev='vda' bus='virtio'/></disk>\n    "
+            "<memballoon model='none'/>\n    ")
     return guest_xml(name).replace("<controller", disk + "<controller", 1)
 
 
@@ -90,6 +93,31 @@ async def test_metrics_of_real_guests(qemu_client: TestClient, qemu_conn: libvir
         assert before["vda"][index] <= value["spin", "vda"] <= after["vda"][index], name
     assert by_device(samples, "libvirt_domain_block_stats_read_bytes_total")["spin", "vda"] \
         >= 512
+
+
+async def test_a_scrape_shares_the_monitor_round_trips_among_connections(
+        qemu_client: TestClient, qemu_conn: libvirt.virConnect,
+        libvirt_daemon: LibvirtDaemon) -> None:
+    """libvirt asks each QEMU in turn: the block stats of many guests are read over the host's
+    three connections at once (bench/usage.py: 50 guests)."""
+    names = [f"disk{i}" for i in range(3)]
+    for name in names:
+        qemu_conn.defineXML(spinning_guest(libvirt_daemon, name)).create()
+        qemu_conn.lookupByName(name).suspend()  # active, with a disk, not spinning
+    threads: list[str] = []
+    original = libvirt.virConnect.domainListGetStats
+
+    def noted(conn: libvirt.virConnect, doms: list[libvirt.virDomain], stats: int = 0,
+              flags: int = 0) -> Any:
+        threads.append(threading.current_thread().name)
+        return original(conn, doms, stats, flags)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(libvirt.virConnect, "domainListGetStats", noted)
+        samples = await scrape(qemu_client)
+    assert len(set(threads)) == 3, threads
+    assert sorted(by_device(samples, "libvirt_domain_block_stats_read_requests_total")) == [
+        (name, "vda") for name in names]
 
 
 async def test_stats_show_a_running_guests_cpu(make_client: ClientFactory,
@@ -166,7 +194,9 @@ async def test_the_domain_list_is_what_libvirt_says(qemu_client: TestClient,
         response = await qemu_client.get("/api/0/domains")
         assert response.status == 200
         listing = await response.json()
-    assert calls == ["getAllDomainStats"]  # and two listings: nothing per domain
+    # One bulk call for the states, info() per domain (it reads /proc, never the QEMU monitor),
+    # two listings for autostart and persistence: no monitor round trip (bench/usage.py).
+    assert calls == ["getAllDomainStats"] + ["info"] * 4
     assert listing == call_by_call(qemu_conn)
     assert {d["name"]: (d["autostart"], d["persistent"], d["state"]) for d in listing} == {
         "cold": (True, True, "shutoff"), "passing": (False, False, "running"),

@@ -1,4 +1,4 @@
-"""GET /metrics: Prometheus metrics, from one bulk libvirt read per scrape."""
+"""GET /metrics: Prometheus metrics, read from libvirt at each scrape (webvirt/domain_stats.py)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
         "`libvirt_up`, `libvirt_domain_info_*`, `libvirt_domain_block_stats_*` and "
         "`libvirt_domain_interface_stats_*` as the libvirt exporters name them (labelled "
         "`domain`, and `target_device` for disks and interfaces), and webvirt's own "
-        "`webvirt_*`. Read with one libvirt call per scrape. While libvirt is unreachable, "
+        "`webvirt_*`. Read from libvirt at each scrape. While libvirt is unreachable, "
         "`libvirt_up` is 0 and the domain metrics are left out. Same token rule as /api/ "
         "(a read token may read it)."
     ),
@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 )
 async def metrics(request: web.Request) -> web.Response:
     try:
-        sample = await request.app[HOST].call(domain_stats.read)
+        host = request.app[HOST]
+        sample = await domain_stats.read_spread(host.call, host.connection_count)
     except ApiError as err:
         log.debug("scrape: libvirt could not be read: %s", err.detail)
         sample = None

@@ -32,7 +32,7 @@ UNSURE = 0.1
 
 def read_usage(conn: libvirt.virConnect, with_cpus: bool) -> tuple[Sample, int | None]:
     """Active domains in one bulk call; the host's CPU count too, when asked."""
-    sample = domain_stats.read(conn, domain_stats.USAGE_GROUPS, domain_stats.ACTIVE)
+    sample = domain_stats.read(conn, domain_stats.ACTIVE, guest_memory=True)
     return sample, int(conn.getInfo()[2]) if with_cpus else None
 
 
