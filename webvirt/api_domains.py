@@ -5,18 +5,17 @@ seed's did, and take GET (Stream Deck buttons) as well as POST."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import libvirt
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import device_xml, domain_stats, domains
+from webvirt.actions import Operation, perform
 from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.domain_cache import DomainEntry
 from webvirt.schemas import (
@@ -31,18 +30,13 @@ from webvirt.schemas import (
 )
 
 log = logging.getLogger(__name__)
-Operation = Callable[[libvirt.virDomain], str]
 POWER_ERRORS = error_responses(404, 409, 501, 503, 504)
 
 
 async def run_action(request: web.Request, action: str, operation: Operation,
                      *, exclusive: bool = True, entry: DomainEntry | None = None) -> str:
-    host = request.app[HOST]
-    entry = entry or await host.resolve(request.match_info["domain"])
-    with host.exclusive(entry) if exclusive else contextlib.nullcontext():
-        result = await host.act(entry, operation)
-    log.info("%s %s: %s", action, entry.name, result)
-    return result
+    return await perform(request.app[HOST], entry or request.match_info["domain"], action,
+                         operation, exclusive=exclusive)
 
 
 @docs(

@@ -39,6 +39,7 @@ from webvirt.appkeys import (
     EVENT_HUB,
     HOST,
     METRICS,
+    MQTT_BRIDGE,
     RULES,
     SETTINGS,
     TEMPLATES,
@@ -50,6 +51,7 @@ from webvirt.host import Host
 from webvirt.hub import EventHub
 from webvirt.metrics import Metrics
 from webvirt.middlewares import json_errors
+from webvirt.mqtt_bridge import MqttBridge
 from webvirt.openapi import setup_openapi
 from webvirt.rules_store import RuleStore
 from webvirt.security import Guard, reads
@@ -99,6 +101,17 @@ async def live_usage(app: web.Application) -> AsyncIterator[None]:
     sampler.start()
     yield
     await sampler.close()
+
+
+async def mqtt_bridge(app: web.Application) -> AsyncIterator[None]:
+    """Home Assistant over MQTT (--mqtt). It never fails the start: a broker that is away is
+    retried in the background while HTTP is served."""
+    settings = app[SETTINGS].mqtt
+    assert settings is not None
+    app[MQTT_BRIDGE] = bridge = MqttBridge(settings, app[HOST], app[EVENT_HUB], app[RULES])
+    bridge.start()
+    yield
+    await bridge.close()
 
 
 async def end_event_streams(app: web.Application) -> None:
@@ -186,6 +199,8 @@ def create_app(settings: Settings) -> web.Application:
     # The rule store first: a state folder that cannot be used is said before libvirt is tried.
     app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream,
                             live_usage])
+    if settings.mqtt is not None:
+        app.cleanup_ctx.append(mqtt_bridge)
     app.on_shutdown.append(end_event_streams)
     app.on_response_prepare.append(guard.cors_headers)
 

@@ -8,6 +8,7 @@ from webvirt.config import Settings
 from webvirt.host import Host
 from webvirt.hub import EventHub
 from webvirt.metrics import Metrics
+from webvirt.mqtt_bridge import MqttBridge
 from webvirt.rules_store import RuleStore
 from webvirt.templates import TemplateStore
 from webvirt.usage import UsageSampler
@@ -21,3 +22,4 @@ RULES = web.AppKey("rules", RuleStore)
 USB_RECONCILER = web.AppKey("usb_reconciler", UsbReconciler)
 METRICS = web.AppKey("metrics", Metrics)
 USAGE = web.AppKey("usage", UsageSampler)
+MQTT_BRIDGE = web.AppKey("mqtt_bridge", MqttBridge)  # only with --mqtt

@@ -17,7 +17,7 @@ from aiohttp import web
 from webvirt import __version__, connection_limits, log_output
 from webvirt.access_log import AccessLogger
 from webvirt.app import create_app
-from webvirt.config import Settings
+from webvirt.config import MqttSettings, MqttUrlError, Settings, mqtt_settings
 from webvirt.errors import ApiError
 from webvirt.security import split_hosts
 
@@ -137,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="close further connections from an IP address that has N open "
                              "(default: %(default)s; 0: no limit). Behind a reverse proxy, "
                              "every client has the proxy's address")
+    parser.add_argument("--mqtt", metavar="URL", default=None,
+                        help="publish the VMs to Home Assistant over MQTT, and take its "
+                             "commands, via the broker at mqtt://[USER[:PASSWORD]@]HOST[:PORT] "
+                             "(mqtts:// for TLS); the password may come from "
+                             "$WEBVIRT_MQTT_PASSWORD instead. Whoever may publish to the "
+                             "broker controls the VMs: secure it (default: no MQTT)")
+    parser.add_argument("--mqtt-prefix", metavar="PREFIX", default="webvirt",
+                        help="topic prefix for states and commands (default: %(default)s)")
+    parser.add_argument("--mqtt-discovery-prefix", metavar="PREFIX", default="homeassistant",
+                        help="Home Assistant's discovery prefix (default: %(default)s)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: %(default)s)")
@@ -181,9 +191,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.read_token and not args.token:
         parser.error("--read-token needs --token (the full token, for actions)")
-    stop_logging = log_output.start(args.log_level, secrets=[args.token, *args.read_token])
+    mqtt = None
+    if args.mqtt is not None:
+        try:
+            mqtt = mqtt_settings(args.mqtt, args.mqtt_prefix, args.mqtt_discovery_prefix,
+                                 os.environ)
+        except MqttUrlError as err:
+            parser.error(str(err))
+    stop_logging = log_output.start(args.log_level, secrets=[
+        args.token, *args.read_token, mqtt.password if mqtt else None])
     try:
-        error = run(args)
+        error = run(args, mqtt)
     finally:
         stop_logging()  # every queued line is written before the error line and the exit
     if error:
@@ -192,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run(args: argparse.Namespace) -> str | None:
+def run(args: argparse.Namespace, mqtt: MqttSettings | None = None) -> str | None:
     """Serve until SIGINT or SIGTERM; the reason when webvirt cannot start."""
     settings = Settings(
         uri=args.connect,
@@ -206,6 +224,7 @@ def run(args: argparse.Namespace) -> str | None:
         allowed_origins=tuple(origin.strip().rstrip("/") for origin in args.allow_origin),
         overlays_dir=args.overlays,
         state_dir=args.state_dir,
+        mqtt=mqtt,
     )
     if args.overlays is not None and not args.overlays.is_dir():
         return f"overlay folder {args.overlays} does not exist"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,56 @@ def default_static_dir() -> Path:
 
 
 DEFAULT_STATIC_DIR = default_static_dir()
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    """The broker the Home Assistant bridge (webvirt/mqtt_bridge.py) talks to."""
+
+    host: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    # Topics: state and commands under `prefix`, discovery configs under `discovery_prefix`.
+    prefix: str = "webvirt"
+    discovery_prefix: str = "homeassistant"
+
+
+# A prefix is one or more topic levels: no wildcards, no empty level, no NUL.
+_TOPIC_PREFIX = re.compile(r"[^/+#\x00]+(?:/[^/+#\x00]+)*")
+
+
+class MqttUrlError(ValueError):
+    """An --mqtt URL or prefix that cannot be used; the message says why."""
+
+
+def mqtt_settings(url: str, prefix: str, discovery_prefix: str,
+                  environ: Mapping[str, str]) -> MqttSettings:
+    """mqtt://[user[:password]@]host[:port] (or mqtts://); the password may instead come from
+    $WEBVIRT_MQTT_PASSWORD, which keeps it out of the process list."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise MqttUrlError("--mqtt: the URL must start with mqtt:// or mqtts://")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise MqttUrlError("--mqtt: only mqtt://[USER[:PASSWORD]@]HOST[:PORT], no path or query")
+    try:
+        port = parts.port
+    except ValueError:
+        raise MqttUrlError("--mqtt: the port must be a number from 1 to 65535") from None
+    if not parts.hostname:
+        raise MqttUrlError("--mqtt: the URL names no host")
+    for name, value in (("--mqtt-prefix", prefix), ("--mqtt-discovery-prefix", discovery_prefix)):
+        if not _TOPIC_PREFIX.fullmatch(value):
+            raise MqttUrlError(f"{name}: {value!r} is not a topic prefix (levels joined by /, "
+                               "none empty, no + or #)")
+    username = urllib.parse.unquote(parts.username) if parts.username is not None else None
+    password = (urllib.parse.unquote(parts.password) if parts.password is not None
+                else environ.get("WEBVIRT_MQTT_PASSWORD") or None)
+    tls = parts.scheme == "mqtts"
+    return MqttSettings(host=parts.hostname, port=port or (8883 if tls else 1883),
+                        username=username or None, password=password, tls=tls, prefix=prefix,
+                        discovery_prefix=discovery_prefix)
 
 
 @dataclass(frozen=True)
@@ -46,3 +99,5 @@ class Settings:
     # makes Settings says where (the command line's default is the user's state folder), so a
     # test or a script never writes to the real one by accident.
     state_dir: Path = field(kw_only=True)
+    # The Home Assistant bridge (--mqtt); None: nothing MQTT runs.
+    mqtt: MqttSettings | None = field(default=None, kw_only=True)

@@ -1,0 +1,407 @@
+"""Home Assistant over MQTT (webvirt/mqtt_bridge.py) against a real mosquitto broker, on
+libvirt's test driver (the demo host: win11 shut off, linux-dev running, media-server paused)
+and on a real QEMU guest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import ClientFactory
+from tests.libvirt_daemon import guest_xml
+from tests.mosquitto import Broker, Subscriber
+from tests.processes import free_port, spawn_webvirt, wait_until_serving
+from tests.waiting import until
+from webvirt.appkeys import EVENT_HUB, HOST
+from webvirt.config import MqttSettings, MqttUrlError, mqtt_settings
+from webvirt.mqtt_discovery import Layout
+
+WIN11 = "6b1e5c2a-0d7e-4c55-9a52-3f1d0a9c1111"
+LINUX = "6b1e5c2a-0d7e-4c55-9a52-3f1d0a9c2222"
+MEDIA = "6b1e5c2a-0d7e-4c55-9a52-3f1d0a9c3333"
+DEMO = {WIN11: ("win11", "shut off", "OFF"), LINUX: ("linux-dev", "running", "ON"),
+        MEDIA: ("media-server", "paused by user", "ON")}
+OBJECTS = [("switch", "power"), ("sensor", "state"), ("button", "force_off"),
+           ("button", "reboot"), ("button", "reset")]
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One anonymous broker for the module; each test has topics of its own (fresh_layout)."""
+    broker = Broker(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def fresh_layout() -> Layout:
+    tag = secrets.token_hex(3)
+    return Layout(f"wv{tag}", f"ha{tag}")
+
+
+def settings_for(broker: Broker, layout: Layout) -> MqttSettings:
+    return MqttSettings("127.0.0.1", broker.port, prefix=layout.prefix,
+                        discovery_prefix=layout.discovery_prefix)
+
+
+class Bridged:
+    """A webvirt app with --mqtt, and a subscriber to everything under both prefixes."""
+
+    def __init__(self, client: TestClient, mqtt: Subscriber, layout: Layout):
+        self.client = client
+        self.mqtt = mqtt
+        self.layout = layout
+
+
+@pytest.fixture
+async def bridged(make_client: ClientFactory, broker: Broker) -> AsyncIterator[Bridged]:
+    layout = fresh_layout()
+    async with Subscriber(broker.port, f"{layout.prefix}/#",
+                          f"{layout.discovery_prefix}/#") as mqtt:
+        client = await make_client(mqtt=settings_for(broker, layout))
+        await mqtt.wait(layout.status, "online")
+        yield Bridged(client, mqtt, layout)
+
+
+def config(mqtt: Subscriber, topic: str) -> dict[str, Any]:
+    payload = mqtt.last(topic)
+    assert payload, f"no config on {topic}"
+    loaded: dict[str, Any] = json.loads(payload)
+    return loaded
+
+
+async def command(bridged: Bridged, ref: str, payload: bytes | str) -> None:
+    await bridged.mqtt.publish(f"{bridged.layout.prefix}/{ref}/set", payload)
+
+
+async def error_after(bridged: Bridged, ref: str, mark: int) -> dict[str, Any]:
+    received = await bridged.mqtt.wait(bridged.layout.error(ref), lambda _: True, after=mark)
+    assert not received.retain
+    loaded: dict[str, Any] = json.loads(received.payload)
+    return loaded
+
+
+# 1. Discovery
+
+async def test_discovery_makes_one_device_per_domain_with_its_entities(
+        bridged: Bridged, broker: Broker) -> None:
+    layout, mqtt = bridged.layout, bridged.mqtt
+    status = layout.status
+    for uuid, (name, text, power) in DEMO.items():
+        node = f"{layout.prefix}_{uuid}"
+        configs = {}
+        for component, object_id in OBJECTS:
+            topic = f"{layout.discovery_prefix}/{component}/{node}/{object_id}/config"
+            configs[object_id] = entity = config(mqtt, topic)
+            assert entity["unique_id"] == f"{node}_{object_id}"
+            assert entity["device"]["identifiers"] == [node]
+            assert entity["device"]["name"] == name
+            assert entity["availability_topic"] == status
+            assert (entity["payload_available"], entity["payload_not_available"]) == (
+                "online", "offline")
+        command_topic = f"{layout.prefix}/{uuid}/set"
+        switch = configs["power"]
+        assert switch == {**switch, "name": "Power", "state_topic": f"{layout.prefix}/{uuid}/power",
+                          "command_topic": command_topic, "payload_on": "ON",
+                          "payload_off": "OFF"}
+        assert configs["state"]["state_topic"] == f"{layout.prefix}/{uuid}/state"
+        assert {(configs[b]["command_topic"], configs[b]["payload_press"])
+                for b in ("force_off", "reboot", "reset")} == {
+            (command_topic, "FORCE_OFF"), (command_topic, "REBOOT"), (command_topic, "RESET")}
+        # States are retained: what a new subscriber (Home Assistant starting) gets at once.
+        assert mqtt.last(f"{layout.prefix}/{uuid}/state") == text.encode()
+        assert mqtt.last(f"{layout.prefix}/{uuid}/power") == power.encode()
+    # A domain's name never goes into a topic (it may hold / + # or spaces).
+    assert not any(name in m.topic for m in mqtt.messages for name, *_ in DEMO.values())
+    async with Subscriber(broker.port, f"{layout.prefix}/+/state") as late:
+        await late.wait(f"{layout.prefix}/{WIN11}/state", "shut off")
+        assert all(m.retain for m in late.messages)
+
+
+def test_mqtt_urls_and_prefixes() -> None:
+    env = {"WEBVIRT_MQTT_PASSWORD": "from-env"}
+    assert mqtt_settings("mqtt://broker", "webvirt", "homeassistant", {}) == MqttSettings(
+        "broker", 1883)
+    tls = mqtt_settings("mqtts://ha:s%40cret@broker:8884", "a/b", "ha", env)
+    assert (tls.host, tls.port, tls.tls, tls.username, tls.password, tls.prefix) == (
+        "broker", 8884, True, "ha", "s@cret", "a/b")
+    assert mqtt_settings("mqtts://ha@broker", "w", "h", env).password == "from-env"
+    assert mqtt_settings("mqtts://ha@broker", "w", "h", env).port == 8883
+    for url, prefix in [("http://broker", "w"), ("mqtt://broker/x", "w"), ("mqtt://", "w"),
+                        ("mqtt://broker:99999", "w"), ("mqtt://broker", "w/+"),
+                        ("mqtt://broker", "w/"), ("mqtt://broker", "#"), ("mqtt://b", "")]:
+        with pytest.raises(MqttUrlError):
+            mqtt_settings(url, prefix, "homeassistant", {})
+
+
+# 2. Availability and last will, with a real process and a broker that wants a password
+
+async def test_online_then_offline_when_webvirt_is_killed(tmp_path: Path) -> None:
+    credentials = ("hass", "pa55 word")
+    broker = Broker(tmp_path / "broker", credentials=credentials)
+    broker.start()
+    port = free_port()
+    layout = fresh_layout()
+    process = spawn_webvirt(
+        "test:///default", port, "--mqtt", f"mqtt://hass@127.0.0.1:{broker.port}",
+        "--mqtt-prefix", layout.prefix, "--mqtt-discovery-prefix", layout.discovery_prefix,
+        state_dir=tmp_path / "state",
+        env={**os.environ, "WEBVIRT_MQTT_PASSWORD": credentials[1]})
+    try:
+        await asyncio.to_thread(wait_until_serving, f"http://127.0.0.1:{port}/api/0/version",
+                                process)
+        async with Subscriber(broker.port, f"{layout.prefix}/#", f"{layout.discovery_prefix}/#",
+                              credentials=credentials) as mqtt:
+            await mqtt.wait(layout.status, "online", seconds=10)
+            # test:///default has one domain, "test", running.
+            uuid = await asyncio.to_thread(default_test_uuid)
+            assert config(mqtt, layout.config("switch", uuid, "power"))["device"]["name"] == "test"
+            assert mqtt.last(layout.state(uuid)) == b"running"
+            mark = mqtt.mark()
+            process.send_signal(signal.SIGKILL)
+            await mqtt.wait(layout.status, "offline", after=mark)
+    finally:
+        process.kill()
+        process.communicate()
+        broker.stop()
+
+
+def default_test_uuid() -> str:
+    conn = libvirt.open("test:///default")
+    try:
+        return str(conn.lookupByName("test").UUIDString())
+    finally:
+        conn.close()
+
+
+# 3. States follow libvirt's events
+
+async def test_states_follow_lifecycle_events_within_a_second(bridged: Bridged) -> None:
+    layout, mqtt, client = bridged.layout, bridged.mqtt, bridged.client
+    told: dict[str, float] = {}
+    client.app[EVENT_HUB].listen(lambda e: told.setdefault(
+        f"{e.get('event')}", time.monotonic()) if e["type"] == "lifecycle" else None)
+    mark = mqtt.mark()
+    assert (await client.get("/api/0/start/win11")).status == 200
+    running = await mqtt.wait(layout.state(WIN11), "running", after=mark)
+    power = await mqtt.wait(layout.power(WIN11), "ON", after=mark)
+    assert max(running.at, power.at) - told["started"] < 1.0
+    print(f"libvirt event -> MQTT state: {(running.at - told['started']) * 1000:.1f} ms")
+    # A change made behind webvirt's back, straight through libvirt, too.
+    await client.app[HOST].call(lambda conn: conn.lookupByUUIDString(WIN11).destroy())
+    off = await mqtt.wait(layout.state(WIN11), "shut off", after=mark)
+    assert off.at - told["stopped"] < 1.0
+    await mqtt.wait(layout.power(WIN11), "OFF", after=mark)
+
+
+@pytest.mark.qemu
+async def test_a_real_guest_that_starts_is_running(
+        make_client: ClientFactory, libvirt_daemon: Any, qemu_conn: libvirt.virConnect,
+        broker: Broker) -> None:
+    dom = qemu_conn.defineXML(guest_xml("ha-guest"))
+    layout = fresh_layout()
+    async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
+        client = await make_client(uri=libvirt_daemon.uri, mqtt=settings_for(broker, layout))
+        await mqtt.wait(layout.state(dom.UUIDString()), "shut off")
+        mark = mqtt.mark()
+        assert (await client.get("/api/0/start/ha-guest")).status == 200
+        await mqtt.wait(layout.state(dom.UUIDString()), "running", after=mark)
+        await mqtt.wait(layout.power(dom.UUIDString()), "ON", after=mark)
+
+
+# 4. Commands
+
+async def test_the_switch_and_the_buttons_act_on_the_domain(bridged: Bridged) -> None:
+    layout, mqtt = bridged.layout, bridged.mqtt
+    mark = mqtt.mark()
+    await command(bridged, WIN11, "ON")
+    await mqtt.wait(layout.state(WIN11), "running", after=mark)
+    await command(bridged, WIN11, "OFF")  # the test driver stops at once on a shutdown
+    await mqtt.wait(layout.state(WIN11), "shut off", after=mark)
+    # By name too, where the name is one topic level.
+    mark = mqtt.mark()
+    await command(bridged, "win11", "ON")
+    await mqtt.wait(layout.state(WIN11), "running", after=mark)
+    await command(bridged, WIN11, "FORCE_OFF")
+    await mqtt.wait(layout.state(WIN11), "shut off", after=mark)
+    # On a shut-off domain libvirt refuses a reboot: the REST action's 409, on the error topic.
+    await command(bridged, WIN11, "REBOOT")
+    refused = await error_after(bridged, WIN11, mark)
+    assert refused == {**refused, "action": "reboot", "status": 409, "error": "wrong_state"}
+
+
+async def test_reboot_and_reset_go_through_libvirt(bridged: Bridged,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The test driver sends no event on either: the action's log line says it was done."""
+    caplog.set_level("INFO", "webvirt.api_domains")
+    for payload, action, said in [("REBOOT", "reboot", "rebooting"), ("RESET", "reset", "reset")]:
+        await command(bridged, LINUX, payload)
+        await until(lambda a=action, s=said: f"{a} linux-dev: {s}" in caplog.text, 5,
+                    f"{action} done")
+
+
+async def test_a_busy_domain_an_unknown_one_and_bad_payloads_are_errors(
+        bridged: Bridged) -> None:
+    layout, mqtt, client = bridged.layout, bridged.mqtt, bridged.client
+    host = client.app[HOST]
+    mark = mqtt.mark()
+    with host.exclusive(await host.resolve("win11")):
+        await command(bridged, WIN11, "ON")
+        busy = await error_after(bridged, WIN11, mark)
+    assert busy == {"action": "start", "error": "operation_in_progress", "status": 409,
+                    "message": "another operation on domain 'win11' is in progress"}
+    for ref in ("no-such-vm", "00000000-0000-0000-0000-000000000000"):
+        mark = mqtt.mark()
+        await command(bridged, ref, "ON")
+        unknown = await error_after(bridged, ref, mark)
+        assert unknown == {**unknown, "action": "start", "status": 404}
+    for payload in (b"BANANA", b"", b"x" * 1_000_000, b"\xff\xfe\x00ON", b"on", b"ON" * 40):
+        mark = mqtt.mark()
+        await command(bridged, WIN11, payload)
+        bad = await error_after(bridged, WIN11, mark)
+        assert bad == {**bad, "action": None, "error": "bad_command", "status": 400}
+        assert len(bad["message"]) < 200
+    # The bridge still obeys.
+    mark = mqtt.mark()
+    await command(bridged, WIN11, "ON")
+    await mqtt.wait(layout.state(WIN11), "running", after=mark)
+    assert await (await client.get("/api/0/state/win11")).json() == "running"
+
+
+async def test_a_retained_command_is_not_obeyed(make_client: ClientFactory,
+                                                broker: Broker) -> None:
+    """A command left on the broker would be obeyed again at every reconnect."""
+    layout = fresh_layout()
+    async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
+        await mqtt.publish(layout.command(WIN11), "ON", retain=True)
+        client = await make_client(mqtt=settings_for(broker, layout))
+        await mqtt.wait(layout.status, "online")
+        # Messages come in order: once a later command is answered, the retained one was seen.
+        mark = mqtt.mark()
+        await mqtt.publish(layout.command(WIN11), "nonsense")
+        await mqtt.wait(layout.error(WIN11), lambda _: True, after=mark)
+        assert await (await client.get("/api/0/state/win11")).json() == "shut off"
+        await mqtt.publish(layout.command(WIN11), b"", retain=True)
+
+
+# 5. The broker goes away and comes back
+
+async def test_a_broker_restart_gets_discovery_and_states_again(
+        make_client: ClientFactory, tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    layout = fresh_layout()
+    try:
+        async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
+            client = await make_client(mqtt=settings_for(broker, layout))
+            await mqtt.wait(layout.status, "online")
+        broker.stop()
+        # HTTP is served meanwhile, and a change while the broker is away is not lost.
+        assert (await client.get("/api/0/start/win11")).status == 200
+        assert (await client.get("/api/0/domains")).status == 200
+        broker.start()  # same port, no persistence: it knows nothing
+        async with Subscriber(broker.port, f"{layout.prefix}/#",
+                              f"{layout.discovery_prefix}/#") as mqtt:
+            state = await mqtt.wait(layout.state(WIN11), "running", seconds=10)
+            assert state.retain or mqtt.messages[0].topic != layout.state(WIN11)
+            await mqtt.wait(layout.status, "online")
+            await mqtt.wait(layout.config("switch", WIN11, "power"), lambda p: bool(p))
+        # Retained: a subscriber that comes later gets it from the broker at once.
+        async with Subscriber(broker.port, layout.state(WIN11)) as late:
+            assert (await late.wait(layout.state(WIN11), "running")).retain
+    finally:
+        broker.stop()
+
+
+async def test_webvirt_starts_while_the_broker_is_down(make_client: ClientFactory,
+                                                      tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker")  # not started yet
+    layout = fresh_layout()
+    client = await make_client(mqtt=settings_for(broker, layout))
+    assert (await client.get("/api/0/state/win11")).status == 200
+    broker.start()
+    try:
+        async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
+            await mqtt.wait(layout.status, "online", seconds=10)
+            await mqtt.wait(layout.state(LINUX), "running")
+    finally:
+        broker.stop()
+
+
+# 6. Domains defined and undefined
+
+EVIL_NAME = "évil +#name"  # libvirt refuses only "/"
+
+
+async def test_a_defined_domain_appears_and_an_undefined_one_goes(bridged: Bridged) -> None:
+    layout, mqtt, host = bridged.layout, bridged.mqtt, bridged.client.app[HOST]
+    uuid = "6b1e5c2a-0d7e-4c55-9a52-3f1d0a9c4444"
+    xml = (f"<domain type='test'><name>{EVIL_NAME}</name><uuid>{uuid}</uuid>"
+           "<memory>1024</memory><os><type>hvm</type></os></domain>")
+    mark = mqtt.mark()
+    await host.call(lambda conn: conn.defineXML(xml))
+    topics = [layout.config(component, uuid, object_id) for component, object_id in OBJECTS]
+    for topic in topics:
+        await mqtt.wait(topic, lambda p: bool(p), after=mark)
+    assert config(mqtt, topics[0])["device"]["name"] == EVIL_NAME
+    assert mqtt.last(layout.state(uuid)) == b"shut off"
+    mark = mqtt.mark()
+    await host.call(lambda conn: conn.lookupByUUIDString(uuid).undefine())
+    for topic in [*topics, layout.state(uuid), layout.power(uuid)]:
+        assert (await mqtt.wait(topic, b"", after=mark)).payload == b""
+
+
+# 7. Home Assistant starts
+
+async def test_home_assistant_online_gets_discovery_again(bridged: Bridged) -> None:
+    layout, mqtt = bridged.layout, bridged.mqtt
+    topic = layout.config("switch", WIN11, "power")
+    mark = mqtt.mark()
+    await mqtt.publish(layout.home_assistant_status, "offline")
+    await mqtt.publish(layout.home_assistant_status, "online")
+    again = await mqtt.wait(topic, lambda p: bool(p), after=mark)
+    assert json.loads(again.payload)["unique_id"] == f"{layout.prefix}_{WIN11}_power"
+    await mqtt.wait(layout.state(MEDIA), "paused by user", after=mark)
+
+
+# 8. USB rules
+
+async def test_a_usb_rule_is_a_binary_sensor_driven_by_the_reconciler(bridged: Bridged) -> None:
+    layout, mqtt, client = bridged.layout, bridged.mqtt, bridged.client
+    response = await client.post("/api/0/rules", json={
+        "domain": "win11", "match": {"vendor_id": "046d", "product_id": "c52b"}})
+    assert response.status == 201
+    rule = (await response.json())["id"]
+    topic = layout.rule_config_topic(WIN11, rule)
+    await mqtt.wait(topic, lambda p: bool(p))
+    sensor = config(mqtt, topic)
+    assert sensor == {**sensor, "state_topic": layout.attached(WIN11, rule), "payload_on": "ON",
+                      "payload_off": "OFF", "unique_id": f"{layout.prefix}_{WIN11}_usb_rule_{rule}",
+                      "availability_topic": layout.status}
+    assert sensor["device"]["identifiers"] == [f"{layout.prefix}_{WIN11}"]
+    await mqtt.wait(layout.attached(WIN11, rule), "OFF")
+    # The test driver refuses every attach, so the reconciler never says "ok" by itself: say it
+    # as it would (the USB lab tests that it does).
+    mark = mqtt.mark()
+    client.app[EVENT_HUB].publish("rule", rule=rule, domain="win11", uuid=WIN11,
+                                  device="usb_1_4", address="1:4", action="attach", result="ok")
+    await mqtt.wait(layout.attached(WIN11, rule), "ON", after=mark)
+    # win11 starts: the reconciler tries, libvirt refuses, the rule gives up and says so.
+    mark = mqtt.mark()
+    assert (await client.get("/api/0/start/win11")).status == 200
+    await mqtt.wait(layout.attached(WIN11, rule), "OFF", seconds=15, after=mark)
+    # Deleted: its entity goes.
+    mark = mqtt.mark()
+    assert (await client.delete(f"/api/0/rules/{rule}")).status == 204
+    await mqtt.wait(topic, b"", after=mark)

@@ -1,0 +1,29 @@
+"""A domain action as every caller asks for it (REST handlers, the MQTT bridge): resolve the
+domain, hold it exclusively, act through the host, log what happened. One code path, so locks,
+errors and events are the same whoever asks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+
+import libvirt
+
+from webvirt.domain_cache import DomainEntry
+from webvirt.host import Host
+
+# The log lines keep the name they had when this lived in the HTTP handlers.
+log = logging.getLogger("webvirt.api_domains")
+Operation = Callable[[libvirt.virDomain], str]
+
+
+async def perform(host: Host, target: DomainEntry | str, action: str, operation: Operation,
+                  *, exclusive: bool = True) -> str:
+    """Run operation on the domain `target` names (name or UUID) or is; answers what it did.
+    Raises ApiError (404 unknown, 409 busy or refused, 503 not connected, 504 timeout)."""
+    entry = target if isinstance(target, DomainEntry) else await host.resolve(target)
+    with host.exclusive(entry) if exclusive else contextlib.nullcontext():
+        result = await host.act(entry, operation)
+    log.info("%s %s: %s", action, entry.name, result)
+    return result

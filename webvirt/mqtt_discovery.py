@@ -1,0 +1,154 @@
+"""What Home Assistant sees of webvirt over MQTT: the topic layout and the discovery payloads.
+Pure: no I/O (webvirt/mqtt_bridge.py publishes them).
+
+PREFIX is --mqtt-prefix (default webvirt), DISCOVERY is --mqtt-discovery-prefix (default
+homeassistant), UUID a domain's UUID. A domain's name never goes into a topic or an id: it may
+hold characters a topic level or a Home Assistant object id cannot (/, +, #, spaces, unicode),
+and a UUID survives a rename.
+
+    PREFIX/status                        online / offline (retained; offline is the last will)
+    PREFIX/UUID/state                    the state as GET /api/0/state says it, e.g. "shut off"
+    PREFIX/UUID/power                    ON while the domain is active, else OFF (retained)
+    PREFIX/UUID/set                      commands: ON (start), OFF (ACPI shutdown), FORCE_OFF,
+                                         REBOOT, RESET; UUID may also be a name, if it is one
+                                         topic level
+    PREFIX/UUID/error                    a command that failed: JSON {action, error, status,
+                                         message} (not retained)
+    PREFIX/UUID/rule/ID/attached         ON once USB rule ID attached its device, OFF when it
+                                         failed, was detached or the domain stopped (retained)
+    DISCOVERY/COMPONENT/NODE/OBJECT/config   Home Assistant discovery (retained), NODE being
+                                         PREFIX's letters, "_" and the UUID
+
+One Home Assistant device per domain, with a switch (power), a sensor (state), three buttons
+(force off, reboot, reset) and a binary sensor per USB rule of the domain.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from webvirt import __version__
+from webvirt.domains import SEED_TEXT_BY_NAME
+
+ON, OFF = "ON", "OFF"
+ONLINE, OFFLINE = "online", "offline"
+# States in which the domain runs a guest (the switch is on): OFF asks it to stop.
+ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutdown", "pmsuspended"})
+# Home Assistant object ids (and node ids): letters, digits, _ and -.
+_NOT_ID = re.compile(r"[^A-Za-z0-9_-]")
+
+# A domain's entities: (component, object id, what differs from one to another).
+BUTTONS = (
+    ("force_off", "Force off", "FORCE_OFF", {"icon": "mdi:power-plug-off"}),
+    ("reboot", "Reboot", "REBOOT", {"device_class": "restart"}),
+    ("reset", "Reset", "RESET", {"icon": "mdi:restart-alert"}),
+)
+DOMAIN_OBJECTS = (("switch", "power"), ("sensor", "state"),
+                  *(("button", object_id) for object_id, *_ in BUTTONS))
+
+
+def state_text(state: str) -> str:
+    return SEED_TEXT_BY_NAME.get(state) or state
+
+
+def power(state: str) -> str:
+    return ON if state in ACTIVE_STATES else OFF
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    prefix: str = "webvirt"
+    discovery_prefix: str = "homeassistant"
+
+    # Topics.
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    @property
+    def commands(self) -> str:
+        """The subscription that takes every domain's commands (and nothing else)."""
+        return f"{self.prefix}/+/set"
+
+    @property
+    def home_assistant_status(self) -> str:
+        return f"{self.discovery_prefix}/status"
+
+    def state(self, uuid: str) -> str:
+        return f"{self.prefix}/{uuid}/state"
+
+    def power(self, uuid: str) -> str:
+        return f"{self.prefix}/{uuid}/power"
+
+    def command(self, uuid: str) -> str:
+        return f"{self.prefix}/{uuid}/set"
+
+    def error(self, ref: str) -> str:
+        return f"{self.prefix}/{ref}/error"
+
+    def attached(self, uuid: str, rule_id: int) -> str:
+        return f"{self.prefix}/{uuid}/rule/{rule_id}/attached"
+
+    def command_ref(self, topic: str) -> str | None:
+        """The domain a command topic names (its one level between PREFIX and set)."""
+        head, tail = f"{self.prefix}/", "/set"
+        if not (topic.startswith(head) and topic.endswith(tail)):
+            return None
+        ref = topic[len(head):-len(tail)]
+        return ref if ref and "/" not in ref else None
+
+    def node(self, uuid: str) -> str:
+        return f"{_NOT_ID.sub('_', self.prefix)}_{uuid}"
+
+    def config(self, component: str, uuid: str, object_id: str) -> str:
+        return f"{self.discovery_prefix}/{component}/{self.node(uuid)}/{object_id}/config"
+
+    def domain_config_topics(self, uuid: str) -> list[str]:
+        return [self.config(component, uuid, object_id)
+                for component, object_id in DOMAIN_OBJECTS]
+
+    def rule_config_topic(self, uuid: str, rule_id: int) -> str:
+        return self.config("binary_sensor", uuid, f"usb_rule_{rule_id}")
+
+    # Discovery payloads.
+
+    def domain_configs(self, uuid: str, name: str) -> dict[str, dict[str, Any]]:
+        """Config topic -> payload, for the domain's switch, sensor and buttons."""
+        node = self.node(uuid)
+        command = self.command(uuid)
+        configs = {
+            self.config("switch", uuid, "power"): {
+                "name": "Power", "state_topic": self.power(uuid), "command_topic": command,
+                "payload_on": ON, "payload_off": OFF, "icon": "mdi:power"},
+            self.config("sensor", uuid, "state"): {
+                "name": "State", "state_topic": self.state(uuid), "icon": "mdi:monitor"},
+        }
+        for object_id, label, payload, extra in BUTTONS:
+            configs[self.config("button", uuid, object_id)] = {
+                "name": label, "command_topic": command, "payload_press": payload, **extra}
+        return {topic: self._entity(payload, uuid, name, f"{node}_{topic.split('/')[-2]}")
+                for topic, payload in configs.items()}
+
+    def rule_config(self, uuid: str, name: str, rule_id: int, device: str) -> dict[str, Any]:
+        return self._entity(
+            {"name": f"USB rule {rule_id} attached ({device})",
+             "state_topic": self.attached(uuid, rule_id), "payload_on": ON,
+             "payload_off": OFF, "device_class": "plug"},
+            uuid, name, f"{self.node(uuid)}_usb_rule_{rule_id}")
+
+    def _entity(self, payload: dict[str, Any], uuid: str, name: str,
+                unique_id: str) -> dict[str, Any]:
+        return {
+            **payload,
+            "unique_id": unique_id,
+            "availability_topic": self.status,
+            "payload_available": ONLINE,
+            "payload_not_available": OFFLINE,
+            "device": {"identifiers": [self.node(uuid)], "name": name,
+                       "manufacturer": "libvirt", "model": "Virtual machine",
+                       "sw_version": f"webvirt {__version__}"},
+            "origin": {"name": "webvirt", "sw_version": __version__},
+        }
