@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from webvirt.hosts import HostSpec
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -21,6 +25,8 @@ DEFAULT_STATIC_DIR = default_static_dir()
 @dataclass(frozen=True)
 class Settings:
     uri: str | None = None
+    # Several libvirt hosts (--connect repeated); when empty, the one host at `uri`.
+    hosts: tuple[HostSpec, ...] = ()
     devices_dir: Path = Path("devices")
     static_dir: Path = DEFAULT_STATIC_DIR
     # Seconds one libvirt call may take before the request fails with 504.
