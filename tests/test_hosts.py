@@ -8,12 +8,16 @@ c is test:///default, whose only domain, `test`, no other host has.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.conftest import DEMO_HOST_URI, ClientFactory
+from tests.processes import REPO, free_port
 from tests.waiting import next_message
 from webvirt.appkeys import EVENT_HUB
 from webvirt.hosts import HostError, HostSpec, host_specs, parse_connect, split_ref
@@ -279,3 +283,30 @@ async def test_heartbeats_of_several_hosts_say_each_hosts_connection(
         several.app[EVENT_HUB].heartbeat()
         beat = await next_message(ws, is_type("heartbeat"))
         assert beat["hosts"] == [{"name": n, "connected": True} for n in "abc"]
+
+
+async def test_stats_name_their_host_and_filter_by_it(make_client: ClientFactory) -> None:
+    client = await make_client(hosts=SEVERAL, stats_interval_s=0.05)
+    async with client.ws_connect("/api/0/events?type=stats") as ws:
+        await next_message(ws, is_type("snapshot"))
+        seen = set()
+        while seen != {"a", "b", "c"}:
+            stats = await next_message(ws, is_type("stats"))
+            seen.add(stats["host"])
+    async with client.ws_connect("/api/0/events?type=stats&host=b") as ws:
+        await next_message(ws, is_type("snapshot"))
+        for _ in range(6):
+            stats = await next_message(ws, is_type("stats"))
+            assert stats["host"] == "b"
+            assert {d["domain"] for d in stats["domains"]} == {"linux-dev", "media-server"}
+
+
+def test_two_hosts_of_one_name_are_a_start_up_error(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "webvirt", "--connect", "test:///default", "--connect",
+         DEMO_HOST_URI, "--port", str(free_port()), "--state-dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"webvirt: error: two hosts are named 'local' (test:///default and {DEMO_HOST_URI}); "
+        "name them with --connect NAME=URI")
