@@ -123,14 +123,19 @@ def qemu_conn(libvirt_daemon: LibvirtDaemon) -> Iterator[libvirt.virConnect]:
     conn = libvirt.open(libvirt_daemon.uri)
     yield conn
     try:
-        for dom in conn.listAllDomains():
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
-                dom.undefine()
+        remove_guests(conn)
         conn.close()
     except libvirt.libvirtError:
         pass  # the test restarted the daemon; the next test reconnects
+
+
+def remove_guests(conn: libvirt.virConnect) -> None:
+    """Every guest stopped and undefined: the daemon as the next test expects it."""
+    for dom in conn.listAllDomains():
+        if dom.isActive():
+            dom.destroy()
+        if dom.isPersistent():
+            dom.undefine()
 
 
 @pytest.fixture

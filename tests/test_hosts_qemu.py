@@ -14,7 +14,7 @@ import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import ClientFactory
+from tests.conftest import ClientFactory, remove_guests
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 from tests.waiting import next_message
 from webvirt.hosts import HostSpec
@@ -29,8 +29,9 @@ NOTICE_FREEZE_S = 20
 
 
 @pytest.fixture(scope="module")
-def daemon_b() -> Iterator[LibvirtDaemon]:
-    """A second private libvirtd, host b (the suite's own is host a)."""
+def daemon_b(libvirt_daemon: LibvirtDaemon) -> Iterator[LibvirtDaemon]:
+    """A second private libvirtd, host b; the suite's own (skipped with WEBVIRT_SKIP_QEMU=1)
+    is host a."""
     daemon = LibvirtDaemon()
     daemon.start()
     yield daemon
@@ -47,11 +48,7 @@ def conn_b(daemon_b: LibvirtDaemon) -> Iterator[libvirt.virConnect]:
     if daemon_b.process is None:
         daemon_b.start()
     conn = libvirt.open(daemon_b.uri)  # the test may have restarted the daemon
-    for dom in conn.listAllDomains():
-        if dom.isActive():
-            dom.destroy()
-        if dom.isPersistent():
-            dom.undefine()
+    remove_guests(conn)
     conn.close()
 
 
