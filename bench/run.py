@@ -5,7 +5,7 @@
 
 Needs wrk (apt-get install wrk) for the HTTP rows, and for the last rows the real libvirtd and
 QEMU that scripts/install --test installs. The rows of /metrics and live stats are made in
-bench/usage.py.
+bench/usage.py, those of two hosts (one frozen) in bench/hosts.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import IO
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench import usage  # noqa: E402
+from bench import hosts, usage  # noqa: E402
 from support.processes import free_port, status_number, wait_until_serving  # noqa: E402
 
 DEMO_URI = f"test://{REPO / 'demo' / 'host.xml'}"
@@ -284,6 +284,9 @@ def main() -> int:
         # Running guests, requests each.
         rows += usage.real_daemon_rows(Row, start_webvirt, free_port,
                                        *(((1, 3), 5) if args.quick else ((1, 10, 50), 30)))
+        # Host a's requests while host b runs, then while b is frozen.
+        rows += hosts.frozen_host_rows(Row, start_webvirt, free_port, wrk,
+                                       1 if args.quick else 10)
     print_table(rows)
     return 0 if all(r.ok is not False for r in rows) else 1
 

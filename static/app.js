@@ -6,7 +6,11 @@ const STATE_LABELS = {
   crashed: "crashed", pmsuspended: "suspended", blocked: "blocked", nostate: "unknown",
 };
 const $ = (id) => document.getElementById(id);
-const domains = new Map(); // name -> {name, uuid, state}
+// name -> {name, uuid, state}; with several hosts NAME@HOST -> {name, uuid, state, host}:
+// the key is also how the API addresses the domain.
+const domains = new Map();
+const hostStates = new Map(); // several hosts only: host name -> connected
+const refOf = (name, host) => (host ? `${name}@${host}` : name);
 let templates = [];
 
 // A token comes from #token=... (kept out of server logs) or from an earlier visit.
@@ -112,11 +116,12 @@ const ACTIONS = [
 ];
 
 function renderDomain(domain) {
-  let card = cardOf(domain.name);
+  const ref = refOf(domain.name, domain.host);
+  let card = cardOf(ref);
   if (!card) {
     card = document.createElement("li");
     card.className = "card";
-    card.dataset.domain = domain.name;
+    card.dataset.domain = ref;
     card.innerHTML = `<div class="card-head"><h3></h3><span class="state"></span></div>
       <div class="usage" hidden></div>
       <div class="buttons"></div><ul class="hostdevs" hidden></ul>
@@ -128,13 +133,13 @@ function renderDomain(domain) {
       button.dataset.action = action;
       button.className = style;
       button.textContent = label;
-      button.addEventListener("click", () => act(action, domain.name, button));
+      button.addEventListener("click", () => act(action, ref, button));
       card.querySelector(".buttons").append(button);
     }
-    const list = $("domains");
-    const after = [...list.children].find((c) => c.dataset.domain > domain.name);
+    const list = domain.host ? hostGroup(domain.host).querySelector(".cards") : $("domains");
+    const after = [...list.children].find((c) => c.dataset.domain > ref);
     list.insertBefore(card, after || null);
-    renderHeld(domain.name);
+    renderHeld(ref);
   }
   const state = card.querySelector(".state");
   state.textContent = STATE_LABELS[domain.state] || domain.state;
@@ -143,12 +148,36 @@ function renderDomain(domain) {
   for (const [action, , states] of ACTIONS) {
     card.querySelector(`[data-action="${action}"]`).hidden = !states.includes(domain.state);
   }
-  renderUsage(domain.name);
+  renderUsage(ref);
+}
+
+// --- Several hosts: the VMs grouped by host, each with its connection badge ----
+
+function hostGroup(host) {
+  let group = document.querySelector(`.host-group[data-host="${CSS.escape(host)}"]`);
+  if (!group) {
+    group = el("section", "host-group");
+    group.dataset.host = host;
+    const heading = el("h3", "host-name", host);
+    heading.append(el("span", "badge badge-wait host-badge"));
+    group.append(heading, el("ul", "cards"));
+    $("hosts").append(group);
+  }
+  return group;
+}
+
+function renderHosts() {
+  $("hosts").hidden = hostStates.size === 0;
+  for (const [host, connected] of hostStates) {
+    const badge = hostGroup(host).querySelector(".host-badge");
+    badge.textContent = connected ? "connected" : "not connected";
+    badge.className = `badge badge-${connected ? "ok" : "bad"} host-badge`;
+  }
 }
 
 function renderAll() {
   const names = new Set(domains.keys());
-  for (const card of [...$("domains").children]) {
+  for (const card of document.querySelectorAll("#domains > .card, #hosts .card")) {
     if (!names.has(card.dataset.domain)) card.remove();
   }
   for (const domain of domains.values()) renderDomain(domain);
@@ -330,7 +359,11 @@ function holdersText(device) {
 const refreshHostDevices = coalesced(async () => {
   let listing;
   try {
-    listing = await api("/api/0/host/devices");
+    // Several hosts: each connected host's devices, each naming its host.
+    const hosts = [...hostStates].filter(([, connected]) => connected).map(([host]) => host);
+    listing = hostStates.size === 0 ? await api("/api/0/host/devices") : (await Promise.all(
+      hosts.map(async (host) => (await api(`/api/0/host/devices?host=${encodeURIComponent(host)}`))
+        .map((device) => ({ ...device, host }))))).flat();
   } catch (error) {
     log(`cannot list host devices: ${error.message}`, "error");
     return;
@@ -641,10 +674,11 @@ function addStats(message) {
   }
   const seen = new Set();
   for (const entry of message.domains) {
-    if (!domains.has(entry.domain)) continue;
-    seen.add(entry.domain);
-    let history = usage.get(entry.domain);
-    if (!history) usage.set(entry.domain, history = { cpu: [], memory: [] });
+    const ref = refOf(entry.domain, message.host);
+    if (!domains.has(ref)) continue;
+    seen.add(ref);
+    let history = usage.get(ref);
+    if (!history) usage.set(ref, history = { cpu: [], memory: [] });
     history.latest = entry;
     push(history.cpu, clamp(entry.guest_cpu_percent, 0, 100));
     push(history.memory, entry.memory_total_bytes
@@ -652,7 +686,11 @@ function addStats(message) {
   }
   // Every running or paused VM is in each message (from its second sample on): one that is
   // missing has stopped.
-  for (const name of [...usage.keys()]) if (!seen.has(name)) usage.delete(name);
+  // With several hosts, each host's message speaks for its own VMs only.
+  for (const name of [...usage.keys()]) {
+    const host = domains.has(name) ? domains.get(name).host : undefined;
+    if (!seen.has(name) && host === message.host) usage.delete(name);
+  }
   if (document.hidden) usageStale = true;
   else for (const name of domains.keys()) renderUsage(name);
 }
@@ -783,38 +821,51 @@ function connect() {
 
 function handle(message) {
   switch (message.type) {
-    case "snapshot":
+    case "snapshot": {
       domains.clear();
-      for (const domain of message.domains) domains.set(domain.name, domain);
+      for (const domain of message.domains) domains.set(refOf(domain.name, domain.host), domain);
       for (const name of [...held.keys()]) if (!domains.has(name)) held.delete(name);
       for (const name of [...usage.keys()]) if (!isActive(name)) usage.delete(name);
+      hostStates.clear();
+      for (const host of message.hosts || []) hostStates.set(host.name, host.connected);
+      renderHosts();
       renderAll();
-      setConnection(message.connected ? "live" : "libvirt unreachable", message.connected ? "ok" : "bad");
+      // Several hosts: each group's badge says its host's connection; the header, the server's.
+      const live = message.connected || hostStates.size > 0;
+      setConnection(live ? "live" : "libvirt unreachable", live ? "ok" : "bad");
       // The first message, or a fresh start: read again what events keep current.
       for (const name of domains.keys()) refreshHeld(name);
       refreshHostDevices();
       refreshRules();
       break;
+    }
     case "lifecycle":
     case "state": {
       // "state": a re-read found what no lifecycle event said (e.g. while libvirt was away).
+      const ref = refOf(message.domain, message.host);
       if (message.state === "undefined") {
-        domains.delete(message.domain);
-        held.delete(message.domain);
+        domains.delete(ref);
+        held.delete(ref);
       } else {
-        domains.set(message.domain, { name: message.domain, uuid: message.uuid, state: message.state });
+        domains.set(ref, { name: message.domain, uuid: message.uuid, state: message.state,
+          ...(message.host ? { host: message.host } : {}) });
       }
       renderAll();
-      if (!isActive(message.domain)) dropUsage(message.domain);
-      if (message.type === "lifecycle") log(`${message.domain}: ${message.event} (${message.detail})`);
-      else log(`${message.domain}: now ${message.state} (was ${message.previous})`);
+      if (!isActive(ref)) dropUsage(ref);
+      if (message.type === "lifecycle") log(`${ref}: ${message.event} (${message.detail})`);
+      else log(`${ref}: now ${message.state} (was ${message.previous})`);
       // Started or stopped: its live definition is not its saved one, and what it holds counts.
-      refreshHeld(message.domain);
+      refreshHeld(ref);
       refreshHostDevices();
       break;
     }
     case "connection":
-      if (message.state === "lost") {
+      if (message.host) {
+        hostStates.set(message.host, message.state !== "lost");
+        renderHosts();
+        if (message.state === "lost") log(`${message.host}: libvirt connection lost: ${message.reason}`, "error");
+        else log(`${message.host}: libvirt connection restored`);
+      } else if (message.state === "lost") {
         setConnection("libvirt connection lost", "bad");
         log(`libvirt connection lost: ${message.reason}`, "error");
       } else {
@@ -826,7 +877,7 @@ function handle(message) {
     case "device-removed":
     case "device-removal-failed":
       log(`${message.domain}: ${message.type.replaceAll("-", " ")} ${message.device}`);
-      refreshHeld(message.domain);
+      refreshHeld(refOf(message.domain, message.host));
       refreshHostDevices();
       break;
     case "attach":
@@ -834,7 +885,7 @@ function handle(message) {
       if (message.reason === "unplugged") {
         log(`${message.domain}: let go of ${message.vendor_id}:${message.product_id} (unplugged)`);
       }
-      refreshHeld(message.domain);
+      refreshHeld(refOf(message.domain, message.host));
       refreshHostDevices();
       break;
     case "node-device-added":
@@ -853,7 +904,7 @@ function handle(message) {
         log(`rule ${message.rule}: ${message.action}ed ${what} (${message.domain})`);
       }
       renderRules();
-      refreshHeld(message.domain);
+      refreshHeld(refOf(message.domain, message.host));
       refreshHostDevices();
       break;
     }

@@ -124,10 +124,15 @@ def qemu_conn(libvirt_daemon: LibvirtDaemon) -> Iterator[libvirt.virConnect]:
     conn = libvirt.open(libvirt_daemon.uri)
     yield conn
     try:
-        domains = conn.listAllDomains()
+        remove_guests(conn)
+        conn.close()
     except libvirt.libvirtError:
-        return  # the test restarted the daemon; the next test reconnects
-    for dom in domains:
+        pass  # the test restarted the daemon; the next test reconnects
+
+
+def remove_guests(conn: libvirt.virConnect) -> None:
+    """Every guest stopped and undefined: the daemon as the next test expects it."""
+    for dom in conn.listAllDomains():
         # Each on its own: a transient domain is gone once destroyed, and asking it anything
         # more fails, which must not leave the others behind for the next test.
         with contextlib.suppress(libvirt.libvirtError):
@@ -136,8 +141,6 @@ def qemu_conn(libvirt_daemon: LibvirtDaemon) -> Iterator[libvirt.virConnect]:
                 dom.destroy()
             if persistent:
                 dom.undefine()
-    with contextlib.suppress(libvirt.libvirtError):
-        conn.close()
 
 
 @pytest.fixture

@@ -18,13 +18,16 @@ import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import ClientFactory
+from tests.conftest import DEMO_HOST_URI, ClientFactory
 from tests.libvirt_daemon import guest_xml
 from tests.mosquitto import Broker, Subscriber
 from tests.processes import free_port, spawn_webvirt, wait_until_serving
 from tests.waiting import until
+from webvirt import host as host_module
 from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.config import MqttSettings, MqttUrlError, mqtt_settings
+from webvirt.errors import ApiError
+from webvirt.hosts import HostSpec
 from webvirt.mqtt_discovery import Layout
 
 WIN11 = "6b1e5c2a-0d7e-4c55-9a52-3f1d0a9c1111"
@@ -107,9 +110,11 @@ async def test_discovery_makes_one_device_per_domain_with_its_entities(
             assert entity["unique_id"] == f"{node}_{object_id}"
             assert entity["device"]["identifiers"] == [node]
             assert entity["device"]["name"] == name
-            assert entity["availability_topic"] == status
-            assert (entity["payload_available"], entity["payload_not_available"]) == (
-                "online", "offline")
+            assert entity["availability"] == [
+                {"topic": topic, "payload_available": "online",
+                 "payload_not_available": "offline"}
+                for topic in (status, layout.host_status("local"))]
+            assert entity["availability_mode"] == "all"
         command_topic = f"{layout.prefix}/{uuid}/set"
         switch = configs["power"]
         assert switch == {**switch, "name": "Power", "state_topic": f"{layout.prefix}/{uuid}/power",
@@ -388,7 +393,7 @@ async def test_a_usb_rule_is_a_binary_sensor_driven_by_the_reconciler(bridged: B
     sensor = config(mqtt, topic)
     assert sensor == {**sensor, "state_topic": layout.attached(WIN11, rule), "payload_on": "ON",
                       "payload_off": "OFF", "unique_id": f"{layout.prefix}_{WIN11}_usb_rule_{rule}",
-                      "availability_topic": layout.status}
+                      "availability_mode": "all"}
     assert sensor["device"]["identifiers"] == [f"{layout.prefix}_{WIN11}"]
     await mqtt.wait(layout.attached(WIN11, rule), "OFF")
     # The test driver refuses every attach, so the reconciler never says "ok" by itself: say it
@@ -405,3 +410,55 @@ async def test_a_usb_rule_is_a_binary_sensor_driven_by_the_reconciler(bridged: B
     mark = mqtt.mark()
     assert (await client.delete(f"/api/0/rules/{rule}")).status == 204
     await mqtt.wait(topic, b"", after=mark)
+
+
+# 9. libvirt away, and several hosts
+
+async def test_domains_are_unavailable_while_their_libvirt_host_is_away(
+        bridged: Bridged, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker is fine but webvirt has lost libvirt: Home Assistant must not show the last
+    known states as current (availability_mode all: webvirt's and the host's topic)."""
+    layout, mqtt, host = bridged.layout, bridged.mqtt, bridged.client.app[HOST]
+    host_status = layout.host_status("local")
+    await mqtt.wait(host_status, "online")
+    mark = mqtt.mark()
+    monkeypatch.setattr(host_module, "RECONNECT_DELAYS_S", (0.5,))
+    with pytest.raises(ApiError):  # a call past its time retires the session
+        await host.call(lambda _conn: time.sleep(0.3), seconds=0.05)
+    await mqtt.wait(host_status, "offline", after=mark)
+    await until(lambda: mqtt.last(host_status) == b"online", 10, "online again on reconnect")
+    assert mqtt.last(layout.status) == b"online"  # webvirt itself never went away
+
+
+async def test_several_hosts_have_devices_of_their_own(make_client: ClientFactory,
+                                                       broker: Broker) -> None:
+    """Two hosts with the same domains (copies: same names, same UUIDs) give two devices per
+    domain, keyed HOST-UUID, and a command acts on its own host only."""
+    layout = fresh_layout()
+    async with Subscriber(broker.port, f"{layout.prefix}/#",
+                          f"{layout.discovery_prefix}/#") as mqtt:
+        client = await make_client(mqtt=settings_for(broker, layout),
+                                   hosts=(HostSpec("a", DEMO_HOST_URI),
+                                          HostSpec("b", DEMO_HOST_URI)))
+        await mqtt.wait(layout.status, "online")
+        for name in "ab":
+            key = f"{name}-{WIN11}"
+            await mqtt.wait(layout.state(key), "shut off")
+            switch = config(mqtt, layout.config("switch", key, "power"))
+            assert switch["unique_id"] == f"{layout.prefix}_{key}_power"
+            assert switch["availability"][1]["topic"] == layout.host_status(name)
+            assert mqtt.last(layout.host_status(name)) == b"online"
+        assert mqtt.last(layout.state(WIN11)) is None  # no topic without its host
+
+        several = Bridged(client, mqtt, layout)
+        await command(several, f"b-{WIN11}", "ON")
+        await mqtt.wait(layout.state(f"b-{WIN11}"), "running")
+        assert await (await client.get("/api/0/state/win11@a")).json() == "shut off"
+        assert mqtt.last(layout.state(f"a-{WIN11}")) == b"shut off"
+        # A name that two hosts have is ambiguous; NAME@HOST is not.
+        mark = mqtt.mark()
+        await command(several, "win11", "ON")
+        error = await error_after(several, "win11", mark)
+        assert (error["status"], error["error"]) == (409, "ambiguous_domain")
+        await command(several, "win11@a", "ON")
+        await mqtt.wait(layout.state(f"a-{WIN11}"), "running")

@@ -183,3 +183,28 @@ async def test_when_the_winner_stops_the_younger_rule_gets_the_device() -> None:
     await settled(reconciler)
     assert host.held.get("1:5") == WIN.uuid
     await reconciler.close()
+
+
+async def test_with_several_hosts_a_reconciler_keeps_to_its_hosts_rules_and_events() -> None:
+    """Host b's reconciler: a rule for win11@a is not its own even though a domain with that
+    UUID runs on b (two copies of one host); its rule for linux@b is, and its events name b.
+    Another host's events do not wake it."""
+    host = FakeHost([device("1:5"), device("1:6", "1234:5678")], running=(WIN, LINUX))
+    hub = EventHub()
+    on_a = Rule(1, "win11@a", WIN.uuid, UsbIdMatch("046d", "c52b"), created=1.0)
+    on_b = Rule(2, "linux@b", LINUX.uuid, UsbIdMatch("1234", "5678"), created=2.0)
+    reconciler = UsbReconciler(host, hub, FakeRules([on_a, on_b]),  # type: ignore[arg-type]
+                               {"host": "b"})
+    events: list[dict[str, Any]] = []
+    hub.listen(lambda e: events.append(e) if e["type"] == "rule" else None)
+    reconciler.wake()
+    await settled(reconciler)
+    assert host.attaches == [(LINUX.uuid, "1:6")]
+    assert [(e["rule"], e["domain"], e["host"]) for e in events] == [(2, "linux", "b")]
+    passes = reconciler.passes
+    hub.publish("node-device-added", device_type="usb", host="a")
+    assert reconciler.idle and reconciler.passes == passes
+    hub.publish("node-device-added", device_type="usb", host="b")
+    assert not reconciler.idle
+    await settled(reconciler)
+    await reconciler.close()

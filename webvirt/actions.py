@@ -18,11 +18,11 @@ log = logging.getLogger("webvirt.api_domains")
 Operation = Callable[[libvirt.virDomain], str]
 
 
-async def perform(host: Host, target: DomainEntry | str, action: str, operation: Operation,
+async def perform(host: Host, entry: DomainEntry, action: str, operation: Operation,
                   *, exclusive: bool = True) -> str:
-    """Run operation on the domain `target` names (name or UUID) or is; answers what it did.
-    Raises ApiError (404 unknown, 409 busy or refused, 503 not connected, 504 timeout)."""
-    entry = target if isinstance(target, DomainEntry) else await host.resolve(target)
+    """Run operation on the domain; answers what it did. Raises ApiError (409 busy or refused,
+    503 not connected, 504 timeout); the caller resolved the domain (Hosts.resolve: 404,
+    409 ambiguous)."""
     with host.exclusive(entry) if exclusive else contextlib.nullcontext():
         result = await host.act(entry, operation)
     log.info("%s %s: %s", action, entry.name, result)

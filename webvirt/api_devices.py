@@ -14,7 +14,7 @@ from aiohttp.typedefs import Handler
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import device_xml, domains
-from webvirt.appkeys import EVENT_HUB, HOST, TEMPLATES
+from webvirt.appkeys import HOSTS, TEMPLATES
 from webvirt.errors import ApiError
 from webvirt.host_devices import read_node_devices
 from webvirt.schemas import (
@@ -22,6 +22,7 @@ from webvirt.schemas import (
     DeviceResult,
     DomainPath,
     HostDevice,
+    HostQuery,
     NodeDevice,
     TemplateInfo,
     TemplatePath,
@@ -60,8 +61,7 @@ async def change_device(request: web.Request, action: str | None) -> web.Respons
     live, persistent = bool(query["live"]), bool(query["persistent"])
     flags = domains.device_flags(live=live, persistent=persistent)
     parameters = {k.lower(): v for k, v in variables.items()}
-    host, hub = request.app[HOST], request.app[EVENT_HUB]
-    entry = await host.resolve(request.match_info["domain"])
+    host, entry = await request.app[HOSTS].resolve(request.match_info["domain"])
     with host.exclusive(entry):
         if action is None:
             # A toggle that cannot tell which it is has not tried anything: no event.
@@ -74,12 +74,13 @@ async def change_device(request: web.Request, action: str | None) -> web.Respons
             await host.call(partial(operation, uuid=entry.uuid, xml=xml, flags=flags))
         except ApiError as err:
             # Tell event clients which template it was: libvirt's events only name an alias.
-            hub.publish(action, **event, result="error", error=err.detail)
+            host.publish(action, **event, result="error", error=err.detail)
             raise
-    hub.publish(action, **event, result="ok")
+    host.publish(action, **event, result="ok")
     log.info("%s %s on %s %s", action, template.name, entry.name, parameters)
     return web.json_response({"device": f"{action}ed", "xml": xml, "domain": entry.name,
-                              "template": template.name, "variables": parameters})
+                              "template": template.name, "variables": parameters,
+                              **host.tags})
 
 
 @device_docs("Attach host device")
@@ -109,8 +110,7 @@ async def toggle(request: web.Request) -> web.Response:
 )
 @match_info_schema(DomainPath)
 async def domain_devices(request: web.Request) -> web.Response:
-    host = request.app[HOST]
-    entry = await host.resolve(request.match_info["domain"])
+    host, entry = await request.app[HOSTS].resolve(request.match_info["domain"])
     xml = await host.call(partial(domains.xml_for, uuid=entry.uuid, live=True))
     return web.json_response(device_xml.hostdevs(xml))
 
@@ -158,10 +158,12 @@ def host_inventory(conn: libvirt.virConnect, local: bool) -> list[dict[str, Any]
     summary="List host USB and PCI devices",
     description="The host's USB and PCI devices (libvirt node devices) with vendor and "
     "product names, the USB port path, the PCI IOMMU group, the running domains that hold "
-    "each now (`held_by`) and the domains whose saved definition names it (`configured_in`).",
+    "each now (`held_by`) and the domains whose saved definition names it (`configured_in`). "
+    "With several hosts, say which with `?host=NAME` (400 host_required without it).",
     responses={200: {"description": "Host devices", "schema": NodeDevice(many=True)},
-               **error_responses(501, 503, 504)},
+               **error_responses(400, 404, 501, 503, 504)},
 )
+@querystring_schema(HostQuery)
 async def host_devices(request: web.Request) -> web.Response:
-    host = request.app[HOST]
+    host = request.app[HOSTS].pick(request.query.get("host"))
     return web.json_response(await host.call(partial(host_inventory, local=host.local)))

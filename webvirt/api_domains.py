@@ -16,12 +16,15 @@ from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
 from webvirt import device_xml, domain_stats, domains
 from webvirt.actions import Operation, perform
-from webvirt.appkeys import EVENT_HUB, HOST
+from webvirt.appkeys import EVENT_HUB, HOSTS
 from webvirt.domain_cache import DomainEntry
+from webvirt.errors import ApiError
+from webvirt.host import Host
 from webvirt.schemas import (
     DomainPath,
     DomainStatus,
     DomainSummary,
+    HostQuery,
     RebootQuery,
     ShutdownQuery,
     error_responses,
@@ -34,9 +37,10 @@ POWER_ERRORS = error_responses(404, 409, 501, 503, 504)
 
 
 async def run_action(request: web.Request, action: str, operation: Operation,
-                     *, exclusive: bool = True, entry: DomainEntry | None = None) -> str:
-    return await perform(request.app[HOST], entry or request.match_info["domain"], action,
-                         operation, exclusive=exclusive)
+                     *, exclusive: bool = True,
+                     target: tuple[Host, DomainEntry] | None = None) -> str:
+    host, entry = target or await request.app[HOSTS].resolve(request.match_info["domain"])
+    return await perform(host, entry, action, operation, exclusive=exclusive)
 
 
 @docs(
@@ -52,20 +56,43 @@ async def run_action(request: web.Request, action: str, operation: Operation,
 async def get_state(request: web.Request) -> web.Response:
     # libvirt's events and the reads they trigger keep the cache current (re-read on every
     # reconnect), so most requests need no libvirt call; unknown names ask libvirt.
-    entry = await request.app[HOST].resolve(request.match_info["domain"])
+    _host, entry = await request.app[HOSTS].resolve(request.match_info["domain"])
     return web.json_response(domains.SEED_TEXT_BY_NAME.get(entry.state, ""))
 
 
 @docs(
     tags=["domains"],
     summary="List domains",
-    description="Every domain with its state, UUID, vCPUs, memory, autostart and persistence.",
+    description="Every domain with its state, UUID, vCPUs, memory, autostart and persistence. "
+    "With several hosts, each names its `host`; `?host=NAME` lists one host's, and without it "
+    "a host that is not connected is left out (see GET /api/0/hosts).",
     responses={200: {"description": "Domains, by name", "schema": DomainSummary(many=True)},
-               **error_responses(503, 504)},
+               **error_responses(404, 503, 504)},
 )
+@querystring_schema(HostQuery)
 async def list_domains(request: web.Request) -> web.Response:
-    # One bulk read (and two listings), whatever the number of domains.
-    return web.json_response(await request.app[HOST].call(domain_stats.list_summaries))
+    # One bulk read (and two listings) per host, whatever the number of domains.
+    hosts = request.app[HOSTS]
+    if not hosts.several:
+        return web.json_response(await hosts.default.call(domain_stats.list_summaries))
+    if "host" in request.query:
+        host = hosts.get(request.query["host"])
+        listing = await host.call(domain_stats.list_summaries)
+        return web.json_response([{**summary, **host.tags} for summary in listing])
+    # A host that is not connected is left out (GET /api/0/hosts says which); the others
+    # are read side by side, so none waits for another.
+    connected = [h for h in hosts if h.connected]
+    listings = await asyncio.gather(*(h.call(domain_stats.list_summaries) for h in connected),
+                                    return_exceptions=True)
+    answer: list[dict[str, Any]] = []
+    for host, found in zip(connected, listings, strict=True):
+        if isinstance(found, ApiError):
+            log.warning("listing the domains of host %s failed: %s", host.name, found.detail)
+        elif isinstance(found, BaseException):
+            raise found
+        else:
+            answer.extend({**summary, **host.tags} for summary in found)
+    return web.json_response(sorted(answer, key=lambda d: (d["name"], d["host"])))
 
 
 def power_docs(summary: str, *answers: str) -> Callable[[Handler], Handler]:
@@ -111,8 +138,7 @@ async def power(request: web.Request) -> web.Response:
 )
 @match_info_schema(DomainPath)
 async def status(request: web.Request) -> web.Response:
-    host = request.app[HOST]
-    entry = await host.resolve(request.match_info["domain"])
+    host, entry = await request.app[HOSTS].resolve(request.match_info["domain"])
     xml = await host.call(partial(domains.xml_for, uuid=entry.uuid, live=True))
     return web.json_response({
         "domain": entry.name,
@@ -120,6 +146,7 @@ async def status(request: web.Request) -> web.Response:
         "running": entry.state == "running",
         "paused": entry.state == "paused",
         "devices": [device_label(d) for d in device_xml.hostdevs(xml)],
+        **host.tags,
     })
 
 
@@ -169,9 +196,8 @@ async def resume(request: web.Request) -> web.Response:
 @querystring_schema(ShutdownQuery)
 async def shutdown(request: web.Request) -> web.Response:
     query = parse_query(request, ShutdownQuery)
-    host = request.app[HOST]
-    entry = await host.resolve(request.match_info["domain"])
-    result = await run_action(request, "shutdown", domains.shutdown, entry=entry)
+    host, entry = await request.app[HOSTS].resolve(request.match_info["domain"])
+    result = await run_action(request, "shutdown", domains.shutdown, target=(host, entry))
     if not (query["wait"] or query["force"] or "timeout" in request.query):
         return web.json_response(result)
     if result == "not running":
@@ -186,7 +212,7 @@ async def shutdown(request: web.Request) -> web.Response:
     log.warning("shutdown %s: guest did not stop within %g s; forcing it off", entry.name,
                 query["timeout"])
     forced = await run_action(request, "destroy", domains.destroy, exclusive=False,
-                              entry=entry)
+                              target=(host, entry))
     return web.json_response("forced off" if forced == "forced off" else "shut off")
 
 
@@ -205,18 +231,19 @@ async def shutdown(request: web.Request) -> web.Response:
 @querystring_schema(RebootQuery)
 async def reboot(request: web.Request) -> web.Response:
     query = parse_query(request, RebootQuery)
-    entry = await request.app[HOST].resolve(request.match_info["domain"])
+    host, entry = await request.app[HOSTS].resolve(request.match_info["domain"])
     if not query["wait"]:
         return web.json_response(await run_action(request, "reboot", domains.reboot,
-                                                  entry=entry))
+                                                  target=(host, entry)))
 
     def rebooted(message: dict[str, Any]) -> bool:
-        return message["type"] == "reboot" and message.get("uuid") == entry.uuid
+        return (message["type"] == "reboot" and message.get("uuid") == entry.uuid
+                and message.get("host") == host.tags.get("host"))
 
     # Watching starts first, so a fast reboot event is not missed.
     watched = request.app[EVENT_HUB].watch(rebooted)
     try:
-        await run_action(request, "reboot", domains.reboot, entry=entry)
+        await run_action(request, "reboot", domains.reboot, target=(host, entry))
         async with asyncio.timeout(query["timeout"]):
             await watched
         return web.json_response("rebooted")

@@ -59,13 +59,18 @@ def client_left() -> web.Response:
         "reconnect, pass the `id` of the last message seen as `last_event_id` (or, for SSE, "
         "the `Last-Event-ID` header, which a browser's EventSource sends by itself): the "
         "events since then follow, with no snapshot; when they cannot be had, the first "
-        "message is a snapshot with `resync: true`."
+        "message is a snapshot with `resync: true`. With several hosts (--connect repeated), "
+        "every event about a host or its domains, and every snapshot entry, carries `host`; "
+        "snapshots and heartbeats carry `hosts` ([{name, connected}]), `connected` is true "
+        "when all are; `host=a,b` filters by host, and `domain=` takes NAME@HOST too."
     ),
     parameters=[
         {"in": "query", "name": "domain", "schema": {"type": "string"}, "required": False,
          "description": "Comma-separated domain names"},
         {"in": "query", "name": "type", "schema": {"type": "string"}, "required": False,
          "description": "Comma-separated categories or event types"},
+        {"in": "query", "name": "host", "schema": {"type": "string"}, "required": False,
+         "description": "Comma-separated host names (several hosts)"},
         {"in": "query", "name": "last_event_id", "schema": {"type": "string"},
          "required": False, "description": "Resume after this message id"},
     ],

@@ -10,9 +10,9 @@ import logging
 from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema, request_schema
 
-from webvirt.appkeys import HOST, RULES
+from webvirt.appkeys import HOSTS, RULES
 from webvirt.errors import ApiError, NotFound
-from webvirt.hub import EventHub
+from webvirt.hosts import Hosts, split_ref
 from webvirt.rules import Rule, RuleError, RuleSpec, parse_rule_body
 from webvirt.rules_store import Change
 from webvirt.schemas import Error, RuleBody, RulePath, UsbRule, error_responses
@@ -28,10 +28,12 @@ BODY_DESCRIPTION = (
 )
 
 
-def publish_change(hub: EventHub, change: Change, rule: Rule) -> None:
+def publish_change(hosts: Hosts, change: Change, rule: Rule) -> None:
     """A store listener: event clients (the dashboard) hear of every committed change."""
     log.info("rule %d %s: %s %s", rule.id, change, rule.domain, rule.match.as_dict())
-    hub.publish("rule-changed", domain=rule.domain, rule=rule.id, change=change)
+    name, host = split_ref(rule.domain) if hosts.several else (rule.domain, None)
+    where = {"host": host} if host else {}
+    hosts.hub.publish("rule-changed", domain=name, rule=rule.id, change=change, **where)
 
 
 def rule_id(request: web.Request) -> int:
@@ -56,8 +58,10 @@ async def read_rule_body(request: web.Request) -> RuleSpec:
 async def resolved(request: web.Request) -> tuple[RuleSpec, str]:
     """The rule in the body, naming its domain by name, and the domain's UUID."""
     spec = await read_rule_body(request)
-    entry = await request.app[HOST].resolve(spec.domain)
-    return dataclasses.replace(spec, domain=entry.name), entry.uuid
+    host, entry = await request.app[HOSTS].resolve(spec.domain)
+    # With several hosts the rule keeps its host: NAME@HOST (webvirt/usb_reconciler.py).
+    name = f"{entry.name}@{host.name}" if host.tags else entry.name
+    return dataclasses.replace(spec, domain=name), entry.uuid
 
 
 def found(rule: Rule | None, request: web.Request) -> Rule:

@@ -26,6 +26,7 @@ from webvirt.api_domains import (
     suspend,
 )
 from webvirt.api_events import events
+from webvirt.api_hosts import list_hosts
 from webvirt.api_metrics import metrics
 from webvirt.api_rules import (
     create_rule,
@@ -38,6 +39,7 @@ from webvirt.api_rules import (
 from webvirt.appkeys import (
     EVENT_HUB,
     HOST,
+    HOSTS,
     METRICS,
     MQTT_BRIDGE,
     RULES,
@@ -47,7 +49,7 @@ from webvirt.appkeys import (
     USB_RECONCILER,
 )
 from webvirt.config import Settings
-from webvirt.host import Host
+from webvirt.hosts import Hosts, HostSpec, default_name
 from webvirt.hub import EventHub
 from webvirt.metrics import Metrics
 from webvirt.middlewares import json_errors
@@ -63,23 +65,28 @@ from webvirt.usb_reconciler import UsbReconciler
 async def rule_store(app: web.Application) -> AsyncIterator[None]:
     store = app[RULES]
     await store.open()
-    store.listeners.append(partial(publish_change, app[EVENT_HUB]))
+    store.listeners.append(partial(publish_change, app[HOSTS]))
     yield
     await store.close()
 
 
 async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
-    host = app[HOST]
-    await host.open()
+    hosts = app[HOSTS]
+    await hosts.open()
     yield
-    await host.close()
+    await hosts.close()
 
 
 async def usb_reconciler(app: web.Application) -> AsyncIterator[None]:
-    app[USB_RECONCILER] = reconciler = UsbReconciler(app[HOST], app[EVENT_HUB], app[RULES])
-    reconciler.start()
+    # One per host: a frozen host's pass holds up no other host's devices.
+    reconcilers = [UsbReconciler(host, app[EVENT_HUB], app[RULES], host.tags)
+                   for host in app[HOSTS]]
+    app[USB_RECONCILER] = reconcilers[0]
+    for reconciler in reconcilers:
+        reconciler.start()
     yield
-    await reconciler.close()
+    for reconciler in reconcilers:
+        await reconciler.close()
 
 
 async def event_stream(app: web.Application) -> AsyncIterator[None]:
@@ -97,10 +104,11 @@ async def send_heartbeats(hub: EventHub, interval: float) -> None:
 
 
 async def live_usage(app: web.Application) -> AsyncIterator[None]:
-    sampler = app[USAGE]
-    sampler.start()
+    for sampler in app[USAGE]:
+        sampler.start()
     yield
-    await sampler.close()
+    for sampler in app[USAGE]:
+        await sampler.close()
 
 
 async def mqtt_bridge(app: web.Application) -> AsyncIterator[None]:
@@ -108,7 +116,7 @@ async def mqtt_bridge(app: web.Application) -> AsyncIterator[None]:
     retried in the background while HTTP is served."""
     settings = app[SETTINGS].mqtt
     assert settings is not None
-    app[MQTT_BRIDGE] = bridge = MqttBridge(settings, app[HOST], app[EVENT_HUB], app[RULES])
+    app[MQTT_BRIDGE] = bridge = MqttBridge(settings, app[HOSTS], app[EVENT_HUB], app[RULES])
     bridge.start()
     yield
     await bridge.close()
@@ -174,6 +182,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/0/devices/{domain}", reads(domain_devices), allow_head=False)
     router.add_get("/api/0/templates", reads(list_templates), allow_head=False)
     router.add_get("/api/0/host/devices", reads(host_devices), allow_head=False)
+    router.add_get("/api/0/hosts", reads(list_hosts), allow_head=False)
     router.add_get("/api/0/events", reads(events), allow_head=False)
     router.add_get("/api/0/rules", reads(list_rules), allow_head=False)
     router.add_post("/api/0/rules", create_rule)
@@ -190,12 +199,15 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[json_errors, guard.middleware])
     app[SETTINGS] = settings
     app[EVENT_HUB] = hub = EventHub(settings.replay_events)
-    app[HOST] = Host(settings.uri, hub, call_timeout=settings.call_timeout,
-                     reconcile_s=settings.reconcile_s)
+    specs = settings.hosts or (HostSpec(default_name(settings.uri), settings.uri),)
+    app[HOSTS] = hosts = Hosts(specs, hub, call_timeout=settings.call_timeout,
+                               reconcile_s=settings.reconcile_s)
+    app[HOST] = hosts.default
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
     app[RULES] = RuleStore(settings.state_dir)
-    app[METRICS] = Metrics(hub, app[HOST])
-    app[USAGE] = UsageSampler(app[HOST], hub, settings.stats_interval_s)
+    app[METRICS] = Metrics(hub, hosts)
+    # One sampler per host: each reads its own host at its own pace.
+    app[USAGE] = [UsageSampler(host, hub, settings.stats_interval_s) for host in hosts]
     # The rule store first: a state folder that cannot be used is said before libvirt is tried.
     app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream,
                             live_usage])

@@ -19,6 +19,7 @@ from webvirt.access_log import AccessLogger
 from webvirt.app import create_app
 from webvirt.config import MqttSettings, MqttUrlError, Settings, mqtt_settings
 from webvirt.errors import ApiError
+from webvirt.hosts import HostError, host_specs
 from webvirt.security import split_hosts
 
 log = logging.getLogger("webvirt")
@@ -35,6 +36,8 @@ examples:
   webvirt                                    serve on 127.0.0.1:5000, libvirt's default URI
   webvirt --connect qemu:///system           manage the system QEMU/KVM daemon
   webvirt --connect test:///default          try it on libvirt's built-in test driver
+  webvirt --connect qemu:///system --connect desk=qemu+ssh://me@desktop/system
+                                             two hosts: this machine (local) and desk
   curl http://127.0.0.1:5000/api/0/start/win11
 
 Do not expose webvirt to untrusted networks: anyone who can reach it can control your VMs."""
@@ -89,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=5000,
                         help="TCP port to listen on (default: %(default)s)")
-    parser.add_argument("--connect", metavar="URI", default=None,
-                        help="libvirt connection URI, e.g. qemu:///system "
-                             "(default: libvirt's own default, or $LIBVIRT_DEFAULT_URI)")
+    parser.add_argument("--connect", metavar="[NAME=]URI", action="append", default=[],
+                        help="libvirt connection URI, e.g. qemu:///system (default: libvirt's "
+                             "own default, or $LIBVIRT_DEFAULT_URI). Repeat it for several "
+                             "hosts, each named NAME (default: the URI's host part, or local); "
+                             "then address a domain as NAME@HOST when its name is on several")
     parser.add_argument("--devices", metavar="DIR", type=Path, default=None,
                         help="folder of device templates NAME.xml (default: ./devices, or "
                              "devices/ next to a single-file executable)")
@@ -212,8 +217,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, mqtt: MqttSettings | None = None) -> str | None:
     """Serve until SIGINT or SIGTERM; the reason when webvirt cannot start."""
+    try:
+        hosts = host_specs(args.connect)
+    except HostError as err:
+        return str(err)
     settings = Settings(
-        uri=args.connect,
+        uri=hosts[0].uri,
+        hosts=hosts,
         devices_dir=args.devices or default_devices_dir(),
         call_timeout=args.call_timeout,
         replay_events=max(0, args.replay_buffer),

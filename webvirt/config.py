@@ -7,6 +7,10 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from webvirt.hosts import HostSpec
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -74,6 +78,8 @@ def mqtt_settings(url: str, prefix: str, discovery_prefix: str,
 @dataclass(frozen=True)
 class Settings:
     uri: str | None = None
+    # Several libvirt hosts (--connect repeated); when empty, the one host at `uri`.
+    hosts: tuple[HostSpec, ...] = ()
     devices_dir: Path = Path("devices")
     static_dir: Path = DEFAULT_STATIC_DIR
     # Seconds one libvirt call may take before the request fails with 504.

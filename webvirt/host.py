@@ -56,9 +56,13 @@ Change = tuple[DomainEntry | None, DomainEntry | None]
 
 class Host:
     def __init__(self, uri: str | None, hub: EventHub, *, call_timeout: float = 30.0,
-                 connections: int = 3, reconcile_s: float = 30.0):
+                 connections: int = 3, reconcile_s: float = 30.0, name: str = "local",
+                 tagged: bool = False):
         self.uri = uri
         self.hub = hub
+        self.name = name
+        # With several hosts, what this host tells (events, snapshot entries) names it.
+        self.tags: dict[str, str] = {"host": name} if tagged else {}
         self.call_timeout = call_timeout
         # Each connection to a test:///FILE URI is a private copy of that host: use one.
         self.connection_count = 1 if (uri or "").startswith("test:") else connections
@@ -73,6 +77,8 @@ class Host:
         self._devices_lock = asyncio.Lock()
         self.connected = False
         self.reconnects = 0
+        # libvirt's and the hypervisor's versions, read at each connect (GET /api/0/hosts).
+        self.versions: dict[str, str | None] = dict.fromkeys(VERSION_KEYS)
         self._connections: list[Connection] = []
         self._busy: set[str] = set()  # UUIDs with an exclusive operation under way
         self._dirty: set[str] = set()  # UUIDs to re-read
@@ -94,7 +100,11 @@ class Host:
         return self.uri or "libvirt's default URI"
 
     def snapshot(self) -> tuple[bool, list[dict[str, str]]]:
-        return self.connected, [entry.as_dict() for entry in self.cache]
+        return self.connected, [{**entry.as_dict(), **self.tags} for entry in self.cache]
+
+    def publish(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """An event about this host or its domains, naming the host when there are several."""
+        return self.hub.publish(kind, **fields, **self.tags)
 
     # Opening, losing and closing the session.
 
@@ -103,9 +113,37 @@ class Host:
         ensure_event_impl()
         self._closing = False
         await self._connect(open_seconds=self.call_timeout)
+        self._start_following()
+        log.info("connected to libvirt at %s", self.connected_uri)
+
+    def open_in_background(self) -> asyncio.Task[None]:
+        """Connect, and keep trying while the host cannot be reached (one of several hosts:
+        webvirt serves the others meanwhile). The task ends at the first attempt's outcome;
+        a failed one leaves the reconnect loop running."""
+        ensure_event_impl()
+        self._closing = False
+        self._start_following()
+        return self._spawn(self._first_connect())
+
+    async def _first_connect(self) -> None:
+        try:
+            await self._connect(open_seconds=None)
+        except (ApiError, libvirt.libvirtError) as err:
+            reason = err.detail if isinstance(err, ApiError) else err.get_error_message()
+            log.warning("host %s: %s; retrying in the background", self.name, reason)
+            self.announce_when_connected()
+            self._reconnector = self._spawn(self._reconnect())
+            return
+        log.info("connected to libvirt at %s (host %s)", self.connected_uri, self.name)
+
+    def announce_when_connected(self) -> None:
+        """Event clients are served meanwhile: when this host comes, they learn it as after a
+        reconnect (`connection` restored, then a fresh snapshot)."""
+        self._ever_connected = True
+
+    def _start_following(self) -> None:
         self._spawn(self._reconcile_periodically())
         self._spawn(self._follow_devices())
-        log.info("connected to libvirt at %s", self.connected_uri)
 
     async def _connect(self, open_seconds: float | None) -> None:
         connections = [Connection(self.uri, f"{self.reconnects}.{i}", self._retired)
@@ -121,6 +159,7 @@ class Host:
             await events.call(lambda conn: register(
                 conn, self, loop, lambda: not events.retired, events.callback_ids),
                 self.call_timeout)
+            self.versions = await events.call(read_versions, self.call_timeout)
             await self._resync()
             await self._resync_devices(tell=self._ever_connected)
         except BaseException:
@@ -131,7 +170,7 @@ class Host:
             raise Unavailable("the connection was lost while setting up")
         self.connected = True
         if self._ever_connected:
-            self.hub.publish("connection", state="restored", uri=self.connected_uri)
+            self.publish("connection", state="restored", uri=self.connected_uri)
             # As numbered events, so that a client resuming across the outage learns them too.
             for uuid in sorted(set(self._told) | {entry.uuid for entry in self.cache}):
                 self._correct(uuid)
@@ -152,7 +191,7 @@ class Host:
             return  # closing, or still setting up (_connect raises)
         self.connected = False
         log.warning("lost the libvirt connection (%s); reconnecting", reason)
-        self.hub.publish("connection", state="lost", reason=reason)
+        self.publish("connection", state="lost", reason=reason)
         self._reconnector = self._spawn(self._reconnect())
 
     async def _reconnect(self) -> None:
@@ -185,7 +224,7 @@ class Host:
         connections, self._connections = self._connections, []
         if self.connected:
             self.connected = False
-            self.hub.publish("connection", state="lost", reason="server shutting down")
+            self.publish("connection", state="lost", reason="server shutting down")
         for connection in connections:
             connection.retire("server shutting down")
         if connections:
@@ -280,7 +319,7 @@ class Host:
             self._told.pop(uuid, None)
         else:
             self._told[uuid] = DomainEntry(uuid, name, state)
-        self.hub.publish(
+        self.publish(
             "lifecycle", domain=name, uuid=uuid,
             event=LIFECYCLE_EVENTS.get(event, str(event)),
             detail=LIFECYCLE_DETAILS.get(event, {}).get(detail, str(detail)),
@@ -291,7 +330,7 @@ class Host:
         self._refresh(uuid)
 
     def domain_event(self, kind: str, uuid: str, name: str, **fields: Any) -> None:
-        self.hub.publish(kind, domain=name, uuid=uuid, **fields)
+        self.publish(kind, domain=name, uuid=uuid, **fields)
 
     def node_device(self, kind: str, device: str) -> None:
         self._device_events.put_nowait((kind, device))
@@ -316,7 +355,7 @@ class Host:
 
     def _tell_device(self, kind: str, description: dict[str, Any]) -> None:
         if reported(description):
-            self.hub.publish(kind, **event_fields(description))
+            self.publish(kind, **event_fields(description))
 
     async def _resync_devices(self, tell: bool) -> None:
         """Re-read every node device; after an outage, tell what came and went meanwhile."""
@@ -399,11 +438,23 @@ class Host:
         state = current.state if current else "undefined"
         previous = told.state if told else "undefined"
         if state != previous:
-            self.hub.publish("state", domain=known.name, uuid=uuid, state=state,
+            self.publish("state", domain=known.name, uuid=uuid, state=state,
                              previous=previous)
 
 
 # Blocking helpers; each runs on a connection's thread.
+
+VERSION_KEYS = ("libvirt_version", "hypervisor", "hypervisor_version")
+
+
+def version_text(number: int) -> str:
+    """libvirt's encoded version (major * 1,000,000 + minor * 1,000 + release) as text."""
+    return f"{number // 1_000_000}.{number // 1000 % 1000}.{number % 1000}"
+
+
+def read_versions(conn: libvirt.virConnect) -> dict[str, str | None]:
+    return dict(zip(VERSION_KEYS, (version_text(conn.getLibVersion()), conn.getType(),
+                                   version_text(conn.getVersion())), strict=True))
 
 def _by_uuid(conn: libvirt.virConnect, uuid: str) -> libvirt.virDomain | None:
     try:

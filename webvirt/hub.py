@@ -99,10 +99,13 @@ OPT_IN_TYPES = CATEGORIES["stats"]
 class EventFilter:
     domains: frozenset[str] | None = None
     types: frozenset[str] | None = None
+    # Host names (several hosts); an event naming no host passes.
+    hosts: frozenset[str] | None = None
 
     @classmethod
     def from_query(cls, query: Mapping[str, str]) -> EventFilter:
         domains = _split(query.get("domain"))
+        hosts = _split(query.get("host"))
         types: set[str] | None = None
         for word in _split(query.get("type")) or ():
             if word in CATEGORIES:
@@ -113,20 +116,29 @@ class EventFilter:
                 known = ", ".join(sorted(CATEGORIES) + sorted(EVENT_TYPES))
                 raise ApiError(f"unknown event type {word!r}; known: {known}",
                                code="bad_parameter")
-        return cls(domains, frozenset(types) if types is not None else None)
+        return cls(domains, frozenset(types) if types is not None else None, hosts)
 
     @property
     def wants_stats(self) -> bool:
         return self.types is not None and "stats" in self.types
 
-    def wants(self, kind: str, domain: str | None) -> bool:
+    def wants(self, kind: str, domain: str | None, host: str | None = None) -> bool:
         if kind in CONTROL_TYPES:
             return True
         if self.types is None and kind in OPT_IN_TYPES:
             return False
         if self.types is not None and kind not in self.types:
             return False
-        return self.domains is None or domain is None or domain in self.domains
+        return self.wants_host(host) and self.wants_domain(domain, host)
+
+    def wants_host(self, host: str | None) -> bool:
+        return self.hosts is None or host is None or host in self.hosts
+
+    def wants_domain(self, domain: str | None, host: str | None = None) -> bool:
+        """By name, or as NAME@HOST when the event names its host."""
+        if self.domains is None or domain is None or domain in self.domains:
+            return True
+        return host is not None and f"{domain}@{host}" in self.domains
 
 
 def _split(value: str | None) -> frozenset[str] | None:
@@ -161,6 +173,7 @@ class Published:
     kind: str
     domain: str | None
     outgoing: Outgoing
+    host: str | None = None
 
 
 class EventHub:
@@ -168,8 +181,11 @@ class EventHub:
         self.seq = 0
         # Message ids are "<stream>-<seq>": a new stream id each run, as seq starts again.
         self.stream_id = secrets.token_hex(4)
-        # What snapshots say: (connected, [{name, uuid, state}, ...] by name), from the host.
+        # What snapshots say: (connected, [{name, uuid, state}, ...] by name), from the host
+        # (or all hosts: then each entry names its host).
         self.state_source: Callable[[], tuple[bool, list[dict[str, str]]]] = no_state
+        # With several hosts: [{name, connected}, ...], in snapshots and heartbeats.
+        self.hosts_source: Callable[[], list[dict[str, Any]]] | None = None
         # The latest events, for clients that resume; bounded by count.
         self._replay: collections.deque[Published] = collections.deque(maxlen=replay_events)
         self._subscribers: set[Subscriber] = set()
@@ -188,11 +204,11 @@ class EventHub:
         self.seq += 1
         message = self._envelope(kind, **fields)
         outgoing = Outgoing(json.dumps(message), message["id"])
-        domain = fields.get("domain")
+        domain, host = fields.get("domain"), fields.get("host")
         if self._replay.maxlen:
-            self._replay.append(Published(self.seq, kind, domain, outgoing))
+            self._replay.append(Published(self.seq, kind, domain, outgoing, host))
         for subscriber in self._subscribers:
-            if subscriber.filter.wants(kind, domain):
+            if subscriber.filter.wants(kind, domain, host):
                 subscriber.offer(outgoing)
         if self._watchers:
             self._notify_watchers(message)
@@ -232,7 +248,7 @@ class EventHub:
             subscriber.offer(self.snapshot(subscriber.filter, resync=last_event_id is not None))
         else:
             subscriber.replay([p.outgoing for p in missed
-                               if subscriber.filter.wants(p.kind, p.domain)])
+                               if subscriber.filter.wants(p.kind, p.domain, p.host)])
         self._subscribers.add(subscriber)
         if subscriber.filter.wants_stats:
             self._stats_subscribers.add(subscriber)
@@ -266,29 +282,36 @@ class EventHub:
         the stale ones), only to clients that asked for stats, with their domain filter
         applied. Serialized once per distinct domain filter."""
         built: dict[frozenset[str] | None, Outgoing] = {}
+        host = fields.get("host")
         for subscriber in self._stats_subscribers:
-            wanted = subscriber.filter.domains
+            event_filter = subscriber.filter
+            if not event_filter.wants_host(host):
+                continue
+            wanted = event_filter.domains
             outgoing = built.get(wanted)
             if outgoing is None:
                 outgoing = built[wanted] = self._control(
                     "stats", **fields,
-                    domains=[d for d in domains if wanted is None or d["domain"] in wanted])
+                    domains=[d for d in domains if event_filter.wants_domain(d["domain"], host)])
             subscriber.offer(outgoing)
 
     def snapshot(self, event_filter: EventFilter, resync: bool = False) -> Outgoing:
-        wanted = event_filter.domains
         connected, domains = self.state_source()
-        extra = {"resync": True} if resync else {}
-        return self._control("snapshot", connected=connected, **extra,
-                             domains=[d for d in domains if wanted is None or d["name"] in wanted])
+        extra: dict[str, Any] = {"resync": True} if resync else {}
+        if self.hosts_source is not None:
+            extra["hosts"] = self.hosts_source()
+        wanted = [d for d in domains if event_filter.wants_host(d.get("host"))
+                  and event_filter.wants_domain(d["name"], d.get("host"))]
+        return self._control("snapshot", connected=connected, **extra, domains=wanted)
 
     def broadcast_snapshot(self) -> None:
         for subscriber in self._subscribers:
             subscriber.offer(self.snapshot(subscriber.filter))
 
     def heartbeat(self) -> None:
+        extra = {"hosts": self.hosts_source()} if self.hosts_source is not None else {}
         beat = self._control("heartbeat", connected=self.state_source()[0],
-                             clients=len(self._subscribers))
+                             clients=len(self._subscribers), **extra)
         for subscriber in self._subscribers:
             subscriber.offer(beat)
 

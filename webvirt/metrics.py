@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import libvirt
@@ -22,7 +22,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from webvirt.domain_stats import DomainStats, Sample
+from webvirt.domain_stats import Sample
 from webvirt.host import Host
 from webvirt.hub import EventHub
 
@@ -63,16 +63,36 @@ CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                 5.0, 10.0, 30.0)
 
 
-def domain_families(sample: Sample | None) -> Iterator[Metric]:
-    """One scrape's libvirt families; `sample` None when libvirt could not be read."""
-    yield GaugeMetricFamily("libvirt_up", "Whether scraping libvirt's metrics was successful.",
-                            value=0 if sample is None else 1)
-    if sample is None:
+HostSample = tuple[str | None, Sample | None]
+
+
+def host_families(samples: Sequence[HostSample]) -> Iterator[Metric]:
+    """One scrape's libvirt families: (host name, sample) for each host, the sample None when
+    that host could not be read. With several hosts every family is labelled `host`; one
+    host's name is None, which adds no label, so its metrics are as they always were."""
+    extra = ["host"] if any(name is not None for name, _ in samples) else []
+
+    def labels(*values: str) -> list[str]:
+        return [*values, *extra]
+
+    def tag(name: str | None) -> list[str]:
+        return [name] if name is not None else []
+
+    up = GaugeMetricFamily("libvirt_up", "Whether scraping libvirt's metrics was successful.",
+                           labels=extra)
+    count = GaugeMetricFamily("libvirt_domains", "Number of domains.", labels=extra)
+    for name, sample in samples:
+        up.add_metric(tag(name), 0 if sample is None else 1)
+        if sample is not None:
+            count.add_metric(tag(name), len(sample.domains))
+    yield up
+    read = [(name, sample) for name, sample in samples if sample is not None]
+    if not read:
         return
-    yield GaugeMetricFamily("libvirt_domains", "Number of domains.", value=len(sample.domains))
-    by_domain = ["domain"]
+    yield count
+    by_domain = labels("domain")
     state = GaugeMetricFamily("libvirt_domain_info_state", "Code of the domain state.",
-                              labels=["domain", "state_desc"])
+                              labels=labels("domain", "state_desc"))
     maximum = GaugeMetricFamily("libvirt_domain_info_maximum_memory_bytes",
                                 "Maximum allowed memory of the domain, in bytes.",
                                 labels=by_domain)
@@ -86,27 +106,34 @@ def domain_families(sample: Sample | None) -> Iterator[Metric]:
     rss = GaugeMetricFamily("libvirt_domain_memory_stats_rss_bytes",
                             "Resident set size of the process running the domain, in bytes.",
                             labels=by_domain)
-    for d in sample.domains:
-        state.add_metric([d.name, STATE_DESC.get(d.state, STATE_DESC[0])], d.state)
-        maximum.add_metric([d.name], d.max_memory_kib * 1024)
-        memory.add_metric([d.name], d.memory_kib * 1024)
-        vcpus.add_metric([d.name], d.vcpus)
-        cpu.add_metric([d.name], d.cpu_time_ns / 1e9)
-        if d.rss_kib is not None:
-            rss.add_metric([d.name], d.rss_kib * 1024)
+    for name, sample in read:
+        for d in sample.domains:
+            domain = [d.name, *tag(name)]
+            state.add_metric([d.name, STATE_DESC.get(d.state, STATE_DESC[0]), *tag(name)],
+                             d.state)
+            maximum.add_metric(domain, d.max_memory_kib * 1024)
+            memory.add_metric(domain, d.memory_kib * 1024)
+            vcpus.add_metric(domain, d.vcpus)
+            cpu.add_metric(domain, d.cpu_time_ns / 1e9)
+            if d.rss_kib is not None:
+                rss.add_metric(domain, d.rss_kib * 1024)
     yield from (state, maximum, memory, vcpus, cpu, rss)
-    yield from _device_families(sample.domains, BLOCK_COUNTERS, lambda d: d.disks)
-    yield from _device_families(sample.domains, INTERFACE_COUNTERS, lambda d: d.interfaces)
+    yield from _device_families(read, BLOCK_COUNTERS, lambda d: d.disks, extra)
+    yield from _device_families(read, INTERFACE_COUNTERS, lambda d: d.interfaces, extra)
 
 
-def _device_families(domains: list[DomainStats], counters: tuple[tuple[str, str, str], ...],
-                     devices: Any) -> Iterator[Metric]:
+def _device_families(samples: list[tuple[str | None, Sample]],
+                     counters: tuple[tuple[str, str, str], ...], devices: Any,
+                     extra: list[str]) -> Iterator[Metric]:
     for name, documentation, field in counters:
-        family = CounterMetricFamily(name, documentation, labels=["domain", "target_device"])
-        for d in domains:
-            for device in devices(d):
-                if field in device.counters:
-                    family.add_metric([d.name, device.name], device.counters[field])
+        family = CounterMetricFamily(name, documentation,
+                                     labels=["domain", "target_device", *extra])
+        for host, sample in samples:
+            tag = [host] if host is not None else []
+            for d in sample.domains:
+                for device in devices(d):
+                    if field in device.counters:
+                        family.add_metric([d.name, device.name, *tag], device.counters[field])
         yield family
 
 
@@ -140,14 +167,15 @@ class Metrics:
 
     __slots__ = ("_hub", "calls", "events", "reconnects", "rule_actions")
 
-    def __init__(self, hub: EventHub, host: Host):
+    def __init__(self, hub: EventHub, hosts: Iterable[Host]):
         self._hub = hub
         self.events: collections.Counter[str] = collections.Counter()
         self.rule_actions: collections.Counter[tuple[str, str]] = collections.Counter()
         self.reconnects = 0
         self.calls = Latency()
         hub.listen(self._count)
-        host.call_listeners.append(self.calls.observe)
+        for host in hosts:
+            host.call_listeners.append(self.calls.observe)
 
     def _count(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -185,12 +213,12 @@ class Scrape:
     """What one GET /metrics answers: libvirt's families from this scrape's read, then
     webvirt's own."""
 
-    __slots__ = ("_metrics", "_sample")
+    __slots__ = ("_metrics", "_samples")
 
-    def __init__(self, sample: Sample | None, metrics: Metrics):
-        self._sample = sample
+    def __init__(self, samples: Sequence[HostSample], metrics: Metrics):
+        self._samples = samples
         self._metrics = metrics
 
     def collect(self) -> Iterable[Metric]:
-        yield from domain_families(self._sample)
+        yield from host_families(self._samples)
         yield from self._metrics.collect()

@@ -33,6 +33,7 @@ from webvirt.config import MqttSettings
 from webvirt.domain_cache import DomainEntry
 from webvirt.errors import ApiError
 from webvirt.host import Host
+from webvirt.hosts import Hosts, split_ref
 from webvirt.hub import EventHub
 from webvirt.mqtt_discovery import OFF, OFFLINE, ON, ONLINE, Layout, power, state_text
 from webvirt.rules import Rule
@@ -62,13 +63,13 @@ Item = tuple[str, Any]  # ("event", hub event) | ("rule", (change, rule)) | ("re
 
 class MqttBridge:
     __slots__ = ("_attached", "_backlog", "_client", "_commands", "_domains", "_online",
-                 "_rules", "_stop_listening", "_task", "host", "hub", "layout", "rules",
+                 "_rules", "_stop_listening", "_task", "hosts", "hub", "layout", "rules",
                  "settings")
 
-    def __init__(self, settings: MqttSettings, host: Host, hub: EventHub, rules: RuleStore):
+    def __init__(self, settings: MqttSettings, hosts: Hosts, hub: EventHub, rules: RuleStore):
         self.settings = settings
         self.layout = Layout(settings.prefix, settings.discovery_prefix)
-        self.host = host
+        self.hosts = hosts
         self.hub = hub
         self.rules = rules
         self._task: asyncio.Task[None] | None = None
@@ -76,9 +77,9 @@ class MqttBridge:
         self._online = False  # connected, and publishing what the backlog gets
         self._backlog: asyncio.Queue[Item] = asyncio.Queue(BACKLOG)
         self._commands: set[asyncio.Task[None]] = set()
-        # What the broker was told (its retained topics): domains by UUID, rules by id, and
-        # the device address each rule attached.
-        self._domains: dict[str, DomainEntry] = {}
+        # What the broker was told (its retained topics): domains by key (see key()) with
+        # their host, rules by id, and the device address each rule attached.
+        self._domains: dict[str, tuple[Host, DomainEntry]] = {}
         self._rules: dict[int, Rule] = {}
         self._attached: dict[int, str] = {}
         self._stop_listening = hub.listen(self._on_event)
@@ -102,6 +103,18 @@ class MqttBridge:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+
+    def key(self, host: Host, uuid: str) -> str:
+        """A domain's topic level and id: its UUID; with several hosts, HOST-UUID (a VM copied
+        to a second machine may keep its UUID)."""
+        return f"{host.name}-{uuid}" if self.hosts.several else uuid
+
+    def _host_of(self, event: dict[str, Any]) -> Host | None:
+        name = event.get("host")
+        return self.hosts.default if name is None else self.hosts.by_name.get(name)
+
+    def _rule_key(self, rule: Rule) -> str:
+        return self.key(self._rule_host(rule), rule.domain_uuid)
 
     # Feeding: called synchronously by the hub and the rule store; quick, never raise.
 
@@ -201,70 +214,86 @@ class MqttBridge:
         await client.publish(topic, payload, qos=1, retain=retain)
 
     async def _publish_all(self, client: aiomqtt.Client) -> None:
-        """Discovery and every state, from the host's cache and the rule store."""
+        """Discovery and every state, from the hosts' caches and the rule store."""
         self._rules = {rule.id: rule for rule in await self.rules.list()}
-        current = {entry.uuid: entry for entry in self.host.cache}
-        for uuid in list(self._domains):
-            if uuid not in current:
-                await self._remove_domain(client, uuid)
-        for entry in current.values():
-            await self._publish_domain(client, entry, configs=True)
+        current = {self.key(host, entry.uuid): (host, entry)
+                   for host in self.hosts for entry in host.cache}
+        for key, (host, _entry) in list(self._domains.items()):
+            # A host that is away keeps its domains: they are unavailable, not gone.
+            if key not in current and host.connected:
+                await self._remove_domain(client, key)
+        for key, (host, entry) in current.items():
+            await self._publish_domain(client, key, host, entry, configs=True)
+        for host in self.hosts:
+            await self._publish_host(client, host)
         await self._publish(client, self.layout.status, ONLINE)
 
-    async def _publish_domain(self, client: aiomqtt.Client, entry: DomainEntry,
-                              configs: bool) -> None:
-        self._domains[entry.uuid] = entry
-        if configs:
-            for topic, payload in self.layout.domain_configs(entry.uuid, entry.name).items():
-                await self._publish(client, topic, json.dumps(payload))
-            for rule in self._rules_of(entry.uuid):
-                await self._publish_rule(client, rule, entry.name)
-        await self._publish(client, self.layout.state(entry.uuid), state_text(entry.state))
-        await self._publish(client, self.layout.power(entry.uuid), power(entry.state))
+    async def _publish_host(self, client: aiomqtt.Client, host: Host) -> None:
+        await self._publish(client, self.layout.host_status(host.name),
+                            ONLINE if host.connected else OFFLINE)
 
-    async def _remove_domain(self, client: aiomqtt.Client, uuid: str) -> None:
+    async def _publish_domain(self, client: aiomqtt.Client, key: str, host: Host,
+                              entry: DomainEntry, configs: bool) -> None:
+        self._domains[key] = (host, entry)
+        if configs:
+            for topic, payload in self.layout.domain_configs(key, entry.name,
+                                                             host.name).items():
+                await self._publish(client, topic, json.dumps(payload))
+            for rule in self._rules_of(key):
+                await self._publish_rule(client, rule, key)
+        await self._publish(client, self.layout.state(key), state_text(entry.state))
+        await self._publish(client, self.layout.power(key), power(entry.state))
+
+    async def _remove_domain(self, client: aiomqtt.Client, key: str) -> None:
         """An empty retained payload removes a config (and a retained state) from the broker,
         and the entity from Home Assistant."""
-        self._domains.pop(uuid, None)
-        topics = [*self.layout.domain_config_topics(uuid), self.layout.state(uuid),
-                  self.layout.power(uuid)]
-        for rule in self._rules_of(uuid):
+        self._domains.pop(key, None)
+        topics = [*self.layout.domain_config_topics(key), self.layout.state(key),
+                  self.layout.power(key)]
+        for rule in self._rules_of(key):
             self._attached.pop(rule.id, None)
-            topics += [self.layout.rule_config_topic(uuid, rule.id),
-                       self.layout.attached(uuid, rule.id)]
+            topics += [self.layout.rule_config_topic(key, rule.id),
+                       self.layout.attached(key, rule.id)]
         for topic in topics:
             await self._publish(client, topic, b"")
 
-    def _rules_of(self, uuid: str) -> list[Rule]:
-        return [rule for rule in self._rules.values() if rule.domain_uuid == uuid]
+    def _rules_of(self, key: str) -> list[Rule]:
+        return [rule for rule in self._rules.values() if self._rule_key(rule) == key]
 
-    async def _publish_rule(self, client: aiomqtt.Client, rule: Rule, name: str) -> None:
+    async def _publish_rule(self, client: aiomqtt.Client, rule: Rule, key: str) -> None:
         device = ":".join(rule.match.as_dict().values())
-        config = self.layout.rule_config(rule.domain_uuid, name, rule.id, device)
-        await self._publish(client, self.layout.rule_config_topic(rule.domain_uuid, rule.id),
+        host, entry = self._domains[key]
+        config = self.layout.rule_config(key, entry.name, host.name, rule.id, device)
+        await self._publish(client, self.layout.rule_config_topic(key, rule.id),
                             json.dumps(config))
         await self._publish_attached(client, rule)
 
     async def _publish_attached(self, client: aiomqtt.Client, rule: Rule) -> None:
-        await self._publish(client, self.layout.attached(rule.domain_uuid, rule.id),
+        await self._publish(client, self.layout.attached(self._rule_key(rule), rule.id),
                             ON if rule.id in self._attached else OFF)
 
     async def _apply_event(self, client: aiomqtt.Client, event: dict[str, Any]) -> None:
         kind = event["type"]
+        host = self._host_of(event)
+        if host is None:
+            return
         if kind in ("lifecycle", "state"):
-            uuid, state = event["uuid"], event["state"]
+            key, state = self.key(host, event["uuid"]), event["state"]
             if state == "undefined":
-                if uuid in self._domains:
-                    await self._remove_domain(client, uuid)
+                if key in self._domains:
+                    await self._remove_domain(client, key)
                 return
-            known = self._domains.get(uuid)
-            entry = DomainEntry(uuid, event["domain"], state)
-            await self._publish_domain(client, entry,
-                                       configs=known is None or known.name != entry.name)
+            known = self._domains.get(key)
+            entry = DomainEntry(event["uuid"], event["domain"], state)
+            await self._publish_domain(client, key, host, entry,
+                                       configs=known is None or known[1].name != entry.name)
             if power(state) == OFF:  # a stopped domain holds no device
-                await self._detached(client, lambda rule, _address: rule.domain_uuid == uuid)
-        elif kind == "connection" and event.get("state") == "restored":
-            await self._publish_all(client)
+                await self._detached(client, lambda rule, _address: self._rule_key(rule) == key)
+        elif kind == "connection":
+            # Its domains are unavailable while it is away; back, everything is told again.
+            await self._publish_host(client, host)
+            if event.get("state") == "restored":
+                await self._publish_all(client)
         elif kind == "rule" and event.get("action") == "attach":
             rule = self._rules.get(event["rule"])
             if rule is None:
@@ -275,11 +304,15 @@ class MqttBridge:
                 self._attached.pop(rule.id, None)
             await self._publish_attached(client, rule)
         elif kind in ("rule", "detach"):  # taken by an older rule, or unplugged
+            key = self.key(host, str(event.get("uuid")))
             await self._detached(client, lambda rule, address: (
-                rule.domain_uuid == event.get("uuid") and address == event.get("address")))
+                self._rule_key(rule) == key and address == event.get("address")))
         elif kind == "node-device-removed":
-            await self._detached(client,
-                                 lambda _rule, address: address == event.get("address"))
+            await self._detached(client, lambda rule, address: (
+                address == event.get("address") and self._rule_host(rule) is host))
+
+    def _rule_host(self, rule: Rule) -> Host:
+        return self.hosts.by_name.get(split_ref(rule.domain)[1] or "", self.hosts.default)
 
     async def _detached(self, client: aiomqtt.Client,
                         which: Callable[[Rule, str], bool]) -> None:
@@ -292,17 +325,18 @@ class MqttBridge:
     async def _apply_rule_change(self, client: aiomqtt.Client, change: Change,
                                  rule: Rule) -> None:
         old = self._rules.pop(rule.id, None)
-        if old is not None and (change == "deleted" or old.domain_uuid != rule.domain_uuid):
+        if old is not None and (change == "deleted"
+                                or self._rule_key(old) != self._rule_key(rule)):
             self._attached.pop(rule.id, None)
-            for topic in (self.layout.rule_config_topic(old.domain_uuid, old.id),
-                          self.layout.attached(old.domain_uuid, old.id)):
+            for topic in (self.layout.rule_config_topic(self._rule_key(old), old.id),
+                          self.layout.attached(self._rule_key(old), old.id)):
                 await self._publish(client, topic, b"")
         if change == "deleted":
             return
         self._rules[rule.id] = rule
-        entry = self._domains.get(rule.domain_uuid)
-        if entry is not None:
-            await self._publish_rule(client, rule, entry.name)
+        key = self._rule_key(rule)
+        if key in self._domains:
+            await self._publish_rule(client, rule, key)
 
     # Commands.
 
@@ -336,7 +370,9 @@ class MqttBridge:
                 raise ApiError(f"unknown command {show(payload)}; send one of "
                                f"{', '.join(COMMANDS)}", code="bad_command")
             action, operation, exclusive = command
-            await perform(self.host, ref, action, operation, exclusive=exclusive)
+            known = self._domains.get(ref)
+            host, entry = known if known else await self.hosts.resolve(ref)
+            await perform(host, entry, action, operation, exclusive=exclusive)
             return
         except ApiError as err:
             error = {"action": action, "error": err.code, "status": err.status,

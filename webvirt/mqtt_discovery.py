@@ -2,11 +2,15 @@
 Pure: no I/O (webvirt/mqtt_bridge.py publishes them).
 
 PREFIX is --mqtt-prefix (default webvirt), DISCOVERY is --mqtt-discovery-prefix (default
-homeassistant), UUID a domain's UUID. A domain's name never goes into a topic or an id: it may
-hold characters a topic level or a Home Assistant object id cannot (/, +, #, spaces, unicode),
-and a UUID survives a rename.
+homeassistant), UUID a domain's UUID; with several libvirt hosts (--connect), HOST-UUID instead
+(a VM copied to a second machine may keep its UUID). A domain's name never goes into a topic
+or an id: it may hold characters a topic level or a Home Assistant object id cannot (/, +, #,
+spaces, unicode), and a UUID survives a rename.
 
     PREFIX/status                        online / offline (retained; offline is the last will)
+    PREFIX/host/HOST/status              online while webvirt is connected to that libvirt host
+                                         (retained); a domain is available in Home Assistant
+                                         while both its host's status and PREFIX/status are
     PREFIX/UUID/state                    the state as GET /api/0/state says it, e.g. "shut off"
     PREFIX/UUID/power                    ON while the domain is active, else OFF (retained)
     PREFIX/UUID/set                      commands: ON (start), OFF (ACPI shutdown), FORCE_OFF,
@@ -77,6 +81,9 @@ class Layout:
     def home_assistant_status(self) -> str:
         return f"{self.discovery_prefix}/status"
 
+    def host_status(self, host: str) -> str:
+        return f"{self.prefix}/host/{host}/status"
+
     def state(self, uuid: str) -> str:
         return f"{self.prefix}/{uuid}/state"
 
@@ -115,7 +122,7 @@ class Layout:
 
     # Discovery payloads.
 
-    def domain_configs(self, uuid: str, name: str) -> dict[str, dict[str, Any]]:
+    def domain_configs(self, uuid: str, name: str, host: str) -> dict[str, dict[str, Any]]:
         """Config topic -> payload, for the domain's switch, sensor and buttons."""
         node = self.node(uuid)
         command = self.command(uuid)
@@ -129,24 +136,28 @@ class Layout:
         for object_id, label, payload, extra in BUTTONS:
             configs[self.config("button", uuid, object_id)] = {
                 "name": label, "command_topic": command, "payload_press": payload, **extra}
-        return {topic: self._entity(payload, uuid, name, f"{node}_{topic.split('/')[-2]}")
+        return {topic: self._entity(payload, uuid, name, host,
+                                    f"{node}_{topic.split('/')[-2]}")
                 for topic, payload in configs.items()}
 
-    def rule_config(self, uuid: str, name: str, rule_id: int, device: str) -> dict[str, Any]:
+    def rule_config(self, uuid: str, name: str, host: str, rule_id: int,
+                    device: str) -> dict[str, Any]:
         return self._entity(
             {"name": f"USB rule {rule_id} attached ({device})",
              "state_topic": self.attached(uuid, rule_id), "payload_on": ON,
              "payload_off": OFF, "device_class": "plug"},
-            uuid, name, f"{self.node(uuid)}_usb_rule_{rule_id}")
+            uuid, name, host, f"{self.node(uuid)}_usb_rule_{rule_id}")
 
-    def _entity(self, payload: dict[str, Any], uuid: str, name: str,
+    def _entity(self, payload: dict[str, Any], uuid: str, name: str, host: str,
                 unique_id: str) -> dict[str, Any]:
         return {
             **payload,
             "unique_id": unique_id,
-            "availability_topic": self.status,
-            "payload_available": ONLINE,
-            "payload_not_available": OFFLINE,
+            # Available while webvirt is online and sees the domain's libvirt host.
+            "availability": [{"topic": topic, "payload_available": ONLINE,
+                              "payload_not_available": OFFLINE}
+                             for topic in (self.status, self.host_status(host))],
+            "availability_mode": "all",
             "device": {"identifiers": [self.node(uuid)], "name": name,
                        "manufacturer": "libvirt", "model": "Virtual machine",
                        "sw_version": f"webvirt {__version__}"},

@@ -19,9 +19,14 @@ from webvirt.templates import TEMPLATE_NAME
 NO_NUL = Regexp(r"^[^\x00]+$", error="must not contain a NUL character")
 
 
+HOST_FIELD_NOTE = "Only with several hosts (--connect repeated): the host's name"
+
+
 class DomainPath(Schema):
-    domain = fields.Str(required=True, validate=NO_NUL,
-                        metadata={"description": "Domain name (or UUID)"})
+    domain = fields.Str(required=True, validate=NO_NUL, metadata={
+        "description": "Domain name (or UUID); NAME@HOST names the host too, and is needed "
+                       "when several hosts have a domain of that name (else 409 "
+                       "ambiguous_domain)"})
 
 
 class TemplatePath(DomainPath):
@@ -58,6 +63,7 @@ class DeviceResult(Schema):
     domain = fields.Str(required=True)
     template = fields.Str(required=True)
     variables = fields.Dict(keys=fields.Str(), values=fields.Str(), required=True)
+    host = fields.Str(metadata={"description": HOST_FIELD_NOTE})
 
 
 def string_enum(*values: str) -> dict[str, object]:
@@ -157,6 +163,7 @@ class DomainSummary(Schema):
     memory_kib = fields.Int(required=True)
     autostart = fields.Bool(required=True)
     persistent = fields.Bool(required=True)
+    host = fields.Str(metadata={"description": HOST_FIELD_NOTE})
 
 
 class DomainStatus(Schema):
@@ -166,6 +173,28 @@ class DomainStatus(Schema):
     paused = fields.Bool(required=True)
     devices = fields.List(fields.Str(), required=True, metadata={
         "description": "Host devices it holds: USB vendor:product, or PCI address"})
+    host = fields.Str(metadata={"description": HOST_FIELD_NOTE})
+
+
+class HostQuery(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    host = fields.Str(metadata={"description": "A host's name (see GET /api/0/hosts)"})
+
+
+class HostInfo(Schema):
+    name = fields.Str(required=True, metadata={
+        "description": "The name in NAME@HOST: --connect NAME=URI, else the URI's host part, "
+                       "else local"})
+    uri = fields.Str(required=True, allow_none=True, metadata={
+        "description": "The URI as configured (null: libvirt's default)"})
+    connected = fields.Bool(required=True)
+    libvirt_version = fields.Str(allow_none=True, required=True, metadata={
+        "description": "The daemon's libvirt version, e.g. 9.0.0 (null until first connected)"})
+    hypervisor = fields.Str(allow_none=True, required=True, metadata={
+        "description": "The driver, e.g. QEMU"})
+    hypervisor_version = fields.Str(allow_none=True, required=True)
 
 
 class HostDevice(Schema):

@@ -113,7 +113,7 @@ class UsageSampler:
         figures = usages(before, now, host_cpus)
         if figures is not None:
             self.hub.broadcast_stats(figures, interval=round(now.when - before.when, 3),
-                                     host_cpus=host_cpus)
+                                     host_cpus=host_cpus, **self.host.tags)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

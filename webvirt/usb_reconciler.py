@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from webvirt.domain_cache import DomainEntry
 from webvirt.errors import ApiError, Conflict
 from webvirt.host import Host
 from webvirt.host_devices import Description, read_node_devices
+from webvirt.hosts import split_ref
 from webvirt.hub import EventHub
 from webvirt.rules import Rule, matches
 
@@ -140,11 +142,15 @@ def _by_younger_rule(holder: Holder, device: Description, rule: Rule,
 
 class UsbReconciler:
     __slots__ = ("_attempts", "_pending", "_periodic", "_reported", "_rule_domains",
-                 "_stop_listening", "_task", "_waiting", "host", "hub", "passes", "rules")
+                 "_stop_listening", "_task", "_waiting", "host", "hub", "passes", "rules",
+                 "tags")
 
-    def __init__(self, host: Host, hub: EventHub, rules: RuleSource | None = None):
+    def __init__(self, host: Host, hub: EventHub, rules: RuleSource | None = None,
+                 tags: dict[str, str] | None = None):
         self.host = host
         self.hub = hub
+        # With several hosts, one reconciler per host: {"host": name} (Host.tags).
+        self.tags = tags or {}
         self.rules = rules
         self._pending = False
         self._task: asyncio.Task[None] | None = None
@@ -172,6 +178,8 @@ class UsbReconciler:
             self.wake()
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("host") not in (None, self.tags.get("host")):
+            return  # another host's: its own reconciler takes it
         kind = event["type"]
         if kind == "lifecycle" and event.get("event") == "started":
             self._fresh_start(lambda key: self._rule_domains.get(key[0]) == event.get("uuid"))
@@ -254,7 +262,7 @@ class UsbReconciler:
                 await self._detach_stale(item)
         if self.rules is None:
             return
-        rules = await self.rules.list()
+        rules = self._mine(await self.rules.list())
         self._rule_domains = {r.id: r.domain_uuid for r in rules}
         given_up = frozenset(k for k, n in self._attempts.items() if n >= ATTACH_ATTEMPTS)
         for decision in plan(rules, world, given_up):
@@ -262,6 +270,18 @@ class UsbReconciler:
                 await self._attach(decision)
             elif decision.action == "lost":
                 self._report_loss(decision)
+
+    def _mine(self, rules: Sequence[Rule]) -> list[Rule]:
+        """With several hosts, a rule names its domain NAME@HOST: this host's rules, by the
+        bare name (a rule made with one host, without @HOST, goes wherever its UUID runs)."""
+        if not self.tags:
+            return list(rules)
+        mine = []
+        for rule in rules:
+            name, host = split_ref(rule.domain)
+            if host in (None, self.tags["host"]):
+                mine.append(dataclasses.replace(rule, domain=name))
+        return mine
 
     def _forget_unplugged(self, present: set[str]) -> None:
         """What is kept per (rule, device address) ends with the plug: a replug is a new
@@ -324,7 +344,7 @@ class UsbReconciler:
             uuid=domain.uuid if domain else rule.domain_uuid, device=device["name"],
             vendor_id=device["vendor_id"], product_id=device["product_id"],
             vendor=device["vendor"], product=device["product"], port=device["port"],
-            address=device["address"], action=action, **fields)
+            address=device["address"], action=action, **fields, **self.tags)
 
     # Stale entries.
 
@@ -346,12 +366,13 @@ class UsbReconciler:
         except ApiError as err:
             log.warning("could not detach stale USB device %s (was %s) from %s: %s",
                         hostdev["alias"], hostdev["address"], item.domain, err.detail)
-            self.hub.publish("detach", **event, result="error", error=err.detail)
+            self.hub.publish("detach", **event, **self.tags, result="error",
+                             error=err.detail)
             return
         if detached:
             log.info("detached stale USB device %s (was %s, unplugged) from %s",
                      hostdev["alias"], hostdev["address"], item.domain)
-            self.hub.publish("detach", **event, result="ok")
+            self.hub.publish("detach", **event, **self.tags, result="ok")
 
 
 # Blocking helpers; each runs on a connection's thread.
