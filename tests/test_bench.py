@@ -22,7 +22,7 @@ STATS_ROWS = ("stats every 0.5 s to 50 clients: webvirt CPU",
 QEMU_ROWS = ("state by libvirt RPC (real QEMU daemon)", "state from the event-fed cache",
              *(f"GET {path}, {n} running domains (real daemon)"
                for n in (1, 3) for path in ("/metrics", "/api/0/domains")),
-             "domain list, libvirt only, 3 running: bulk read",
+             "/metrics' read, libvirt only, 3 running", "domain list, libvirt only, 3 running",
              *(f"GET {path}, host b {how}" for path in ("/api/0/state/alpha",
                                                         "/api/0/status/alpha@a")
                for how in ("running", "frozen (and asked)")))

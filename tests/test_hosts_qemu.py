@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import ClientFactory, remove_guests
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 from tests.waiting import next_message
-from webvirt.hosts import HostSpec
+from webvirt.hosts import EACH_HOST_S, HostSpec
 
 pytestmark = pytest.mark.qemu
 
@@ -122,6 +122,16 @@ async def test_a_frozen_host_delays_nothing_of_the_other(
             assert status == 200
             took.append(seconds)
             assert max(took) < FAST_S, took
+            # An answer about every host waits for b a bounded time, then leaves it out.
+            started = time.monotonic()
+            response = await two_hosts.get("/api/0/domains")
+            listed = {(d["name"], d["host"]) for d in await response.json()}
+            assert ("alpha", "a") in listed and not any(h == "b" for _, h in listed)
+            assert time.monotonic() - started < EACH_HOST_S + FAST_S
+            started = time.monotonic()
+            text = await (await two_hosts.get("/metrics")).text()
+            assert 'libvirt_up{host="a"} 1.0' in text and 'libvirt_up{host="b"} 0.0' in text
+            assert time.monotonic() - started < EACH_HOST_S + FAST_S
             assert not stuck.done()
             # a's events flow while b is frozen.
             started = await next_message(ws, lambda m: m.get("event") == "started", 5)

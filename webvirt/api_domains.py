@@ -18,7 +18,6 @@ from webvirt import device_xml, domain_stats, domains
 from webvirt.actions import Operation, perform
 from webvirt.appkeys import EVENT_HUB, HOSTS
 from webvirt.domain_cache import DomainEntry
-from webvirt.errors import ApiError
 from webvirt.host import Host
 from webvirt.schemas import (
     DomainPath,
@@ -60,6 +59,10 @@ async def get_state(request: web.Request) -> web.Response:
     return web.json_response(domains.SEED_TEXT_BY_NAME.get(entry.state, ""))
 
 
+async def list_connected(host: Host) -> list[dict[str, Any]] | None:
+    return await host.call(domain_stats.list_summaries) if host.connected else None
+
+
 @docs(
     tags=["domains"],
     summary="List domains",
@@ -77,21 +80,13 @@ async def list_domains(request: web.Request) -> web.Response:
         return web.json_response(await hosts.default.call(domain_stats.list_summaries))
     if "host" in request.query:
         host = hosts.get(request.query["host"])
-        listing = await host.call(domain_stats.list_summaries)
-        return web.json_response([{**summary, **host.tags} for summary in listing])
-    # A host that is not connected is left out (GET /api/0/hosts says which); the others
-    # are read side by side, so none waits for another.
-    connected = [h for h in hosts if h.connected]
-    listings = await asyncio.gather(*(h.call(domain_stats.list_summaries) for h in connected),
-                                    return_exceptions=True)
+        found = await host.call(domain_stats.list_summaries)
+        return web.json_response([{**summary, **host.tags} for summary in found])
+    # A host that is not connected, or does not answer in time, is left out (GET
+    # /api/0/hosts says which); the others are read side by side, so none waits for another.
     answer: list[dict[str, Any]] = []
-    for host, found in zip(connected, listings, strict=True):
-        if isinstance(found, ApiError):
-            log.warning("listing the domains of host %s failed: %s", host.name, found.detail)
-        elif isinstance(found, BaseException):
-            raise found
-        else:
-            answer.extend({**summary, **host.tags} for summary in found)
+    for host, summaries in await hosts.each(list_connected, "domain list"):
+        answer.extend({**summary, **host.tags} for summary in summaries or ())
     return web.json_response(sorted(answer, key=lambda d: (d["name"], d["host"])))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
@@ -36,12 +35,13 @@ log = logging.getLogger(__name__)
 )
 async def metrics(request: web.Request) -> web.Response:
     hosts = request.app[HOSTS]
-    # Every host side by side: a slow one holds up the scrape, not the other hosts' reads.
-    samples = await asyncio.gather(*(read(host) for host in hosts))
-    names = [host.name if hosts.several else None for host in hosts]
+    if hosts.several:  # side by side; one that is late is down for this scrape
+        samples: list[tuple[str | None, Sample | None]] = [
+            (host.name, sample) for host, sample in await hosts.each(read, "scrape")]
+    else:
+        samples = [(None, await read(hosts.default))]
     # prometheus-client's own handler: content negotiation (text or OpenMetrics), gzip.
-    handler = make_aiohttp_handler(Scrape(list(zip(names, samples, strict=True)),
-                                          request.app[METRICS]))
+    handler = make_aiohttp_handler(Scrape(samples, request.app[METRICS]))
     response = await handler(request)
     assert isinstance(response, web.Response)
     return response
@@ -49,7 +49,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def read(host: Host) -> Sample | None:
     try:
-        return await domain_stats.read_spread(host.call, host.connection_count)
+        return await domain_stats.read_spread(host.call, host.call_each,
+                                              host.connection_count)
     except ApiError as err:
         log.debug("scrape: libvirt at %s could not be read: %s", host.name, err.detail)
         return None

@@ -20,12 +20,11 @@ never the whole answer.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -111,14 +110,14 @@ def read(conn: libvirt.virConnect, flags: int = 0, *, devices: bool = True,
     return sample
 
 
-async def read_spread(call: Caller, connections: int, flags: int = 0) -> Sample:
+async def read_spread(call: Caller, call_each: EachCaller, connections: int,
+                      flags: int = 0) -> Sample:
     """As read(), with the monitor round trips shared among `connections` connections (each
     a thread of its own: CVE-2024-4418): libvirt asks each QEMU in turn, so 50 running
     guests' block stats take a third of the time over three."""
     sample, asks = await call(partial(survey, flags=flags, devices=True, guest_memory=False))
     shares = [asks[i::connections] for i in range(connections) if asks[i::connections]]
-    for answers in await asyncio.gather(*(call(partial(ask_monitor, asks=share))
-                                          for share in shares)):
+    for answers in await call_each([partial(ask_monitor, asks=share) for share in shares]):
         complete(sample, answers)
     return sample
 
@@ -127,6 +126,13 @@ class Caller(Protocol):
     """Host.call: runs a blocking function on one of the host's connection threads."""
 
     def __call__(self, fn: Callable[[libvirt.virConnect], T], /) -> Awaitable[T]: ...
+
+
+class EachCaller(Protocol):
+    """Host.call_each: runs each function on a connection thread of its own."""
+
+    def __call__(self, fns: Sequence[Callable[[libvirt.virConnect], T]], /) -> Awaitable[
+        list[T]]: ...
 
 
 @dataclass(slots=True, frozen=True)

@@ -14,7 +14,7 @@ import gc
 import logging
 import time
 import uuid as uuid_module
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
@@ -247,7 +247,20 @@ class Host:
         """Run fn(conn) on the least busy connection's thread; libvirt errors as ApiError."""
         if not self._connections:
             raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
-        connection = min(self._connections, key=lambda c: c.pending)
+        return await self._call_on(min(self._connections, key=lambda c: c.pending), fn, seconds)
+
+    async def call_each(self, fns: Sequence[Callable[[libvirt.virConnect], T]]) -> list[T]:
+        """Each fn on a connection of its own (the least busy first), side by side: for work
+        libvirt does one domain after another, such as asking each QEMU monitor."""
+        if not self._connections:
+            raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
+        connections = sorted(self._connections, key=lambda c: c.pending)
+        return list(await asyncio.gather(*(
+            self._call_on(connections[i % len(connections)], fn, None)
+            for i, fn in enumerate(fns))))
+
+    async def _call_on(self, connection: Connection, fn: Callable[[libvirt.virConnect], T],
+                       seconds: float | None) -> T:
         started = time.perf_counter()
         try:
             return await connection.call(fn, self.call_timeout if seconds is None else seconds)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from webvirt.domain_cache import DomainEntry
@@ -28,6 +28,10 @@ _NAME = re.compile(NAME_PATTERN)
 # At start-up with several hosts, how long to wait for them all before serving; one still
 # connecting (a frozen daemon) goes on in the background.
 STARTUP_WAIT_S = 5.0
+# An answer about every host (the domain list, a scrape) waits this long for each; a host that
+# has not answered by then (a frozen daemon that keepalive has not given up yet) is left out.
+EACH_HOST_S = 2.0
+T = TypeVar("T")
 
 
 class HostError(ValueError):
@@ -86,6 +90,7 @@ class Hosts:
                         for s in specs}
         self.default = next(iter(self.by_name.values()))
         self.several = several
+        self._unheard: set[asyncio.Future[Any]] = set()  # reads past EACH_HOST_S
         if several:
             hub.state_source = self.snapshot
             hub.hosts_source = self.connection_states
@@ -150,6 +155,36 @@ class Hosts:
         away = [host.name for host in self if not host.connected]
         unknown = f" (not connected: {', '.join(away)})" if away else ""
         raise NotFound(f"no domain {ref!r} on any host{unknown}", code="domain_not_found")
+
+    async def each(self, read: Callable[[Host], Awaitable[T]],
+                   what: str) -> list[tuple[Host, T | None]]:
+        """read(host) for every host side by side, for an answer about all of them (the domain
+        list, a scrape). None for a host whose read failed, or that has not answered within
+        EACH_HOST_S: a frozen daemon that keepalive has not yet given up delays the others by
+        that much at most, and its read goes on unheard."""
+        tasks = {host: asyncio.ensure_future(read(host)) for host in self}
+        _done, late = await asyncio.wait(tasks.values(), timeout=EACH_HOST_S)
+        answers: list[tuple[Host, T | None]] = []
+        for host, task in tasks.items():
+            if task in late:
+                log.warning("%s: host %s did not answer within %g s; left out", what,
+                            host.name, EACH_HOST_S)
+                self._unheard.add(task)
+                task.add_done_callback(self._forget)
+                answers.append((host, None))
+            elif isinstance(error := task.exception(), ApiError):
+                log.warning("%s: host %s: %s", what, host.name, error.detail)
+                answers.append((host, None))
+            elif error is not None:
+                raise error
+            else:
+                answers.append((host, task.result()))
+        return answers
+
+    def _forget(self, task: asyncio.Future[Any]) -> None:
+        self._unheard.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: no "exception was never retrieved" at exit
 
     def snapshot(self) -> tuple[bool, list[dict[str, str]]]:
         domains = []
