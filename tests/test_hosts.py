@@ -137,6 +137,38 @@ async def test_name_at_host_works_with_one_host(client: TestClient) -> None:
     assert await answer(client, "/api/0/state/win11") == (200, "running")
 
 
+def at_sign_host(tmp_path: Path) -> str:
+    """libvirt allows "@" in a domain's name: vm (running), vm@local and x@a (shut off)."""
+    def domain(name: str, runstate: int) -> str:
+        return (f"<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>"
+                f"<name>{name}</name><memory unit='MiB'>64</memory>"
+                f"<os><type arch='x86_64'>hvm</type></os>"
+                f"<test:runstate>{runstate}</test:runstate></domain>")
+
+    (tmp_path / "at.xml").write_text(
+        f"<node>{domain('vm', 1)}{domain('vm@local', 5)}{domain('x@a', 5)}</node>")
+    return f"test://{tmp_path / 'at.xml'}"
+
+
+async def test_a_name_with_an_at_sign_is_that_domain_first(make_client: ClientFactory,
+                                                           tmp_path: Path) -> None:
+    """With one host, vm@local is the domain of that name, as before several hosts; only a
+    name that is no domain's falls back to NAME@HOST."""
+    client = await make_client(uri=at_sign_host(tmp_path))
+    assert await answer(client, "/api/0/shutdown/vm@local") == (200, "not running")
+    assert await answer(client, "/api/0/state/vm") == (200, "running")
+    assert await answer(client, "/api/0/state/x@a") == (200, "shut off")
+
+    several = await make_client(hosts=(HostSpec("a", at_sign_host(tmp_path)),
+                                       HostSpec("b", DEMO_HOST_URI)))
+    assert await answer(several, "/api/0/state/x@a") == (200, "shut off")  # a's "x@a"
+    assert await answer(several, "/api/0/state/vm@local") == (200, "shut off")
+    assert await answer(several, "/api/0/state/vm@a") == (200, "running")
+    assert await answer(several, "/api/0/state/x@a@a") == (200, "shut off")
+    status, error = await answer(several, "/api/0/state/nothing@zz")
+    assert (status, error["code"]) == (404, "host_not_found")
+
+
 async def test_a_uuid_on_one_host_works_and_on_two_is_ambiguous(several: TestClient) -> None:
     _status, domains = await answer(several, "/api/0/domains")
     uuids = {(d["name"], d["host"]): d["uuid"] for d in domains}

@@ -277,7 +277,9 @@ class Host:
 
     async def resolve(self, ref: str) -> DomainEntry:
         """The domain a name or UUID means; one identity whichever way it is addressed."""
-        entry = self.cache.get(ref) if self.connected else None
+        if not self.connected:  # also while its connections are still opening
+            raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
+        entry = self.cache.get(ref)
         if entry is not None:
             return entry
         uuid, name, state = await self.call(partial(read_domain, ref=ref))

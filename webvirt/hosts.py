@@ -122,15 +122,28 @@ class Hosts:
 
     async def resolve(self, ref: str) -> tuple[Host, DomainEntry]:
         """The host and domain a reference means: NAME@HOST always; NAME or UUID when one
-        host has it (409 ambiguous_domain when several do)."""
+        host has it (409 ambiguous_domain when several do). A domain whose own name holds an
+        "@" (libvirt allows it) is found by its whole name first."""
         name, host_name = split_ref(ref)
-        if host_name is not None and (host_name in self.by_name or self.several):
-            host = self.get(host_name)
-            return host, await host.resolve(name)
         if not self.several:
-            return self.default, await self.default.resolve(ref)
+            host = self.default
+            if host_name != host.name:
+                return host, await host.resolve(ref)
+            try:
+                return host, await host.resolve(ref)
+            except NotFound:
+                return host, await host.resolve(name)
         # Known from the caches: no libvirt call, so a frozen host delays nobody else.
         holders = [host for host in self if host.cache.get(ref) is not None]
+        named = self.by_name.get(host_name or "")
+        if named is not None:
+            if holders and named.cache.get(name) is not None:
+                raise Conflict(f"{ref!r} is both a domain's name and {name!r} on host "
+                               f"{named.name}; address it by UUID", code="ambiguous_domain")
+            if not holders:
+                return named, await named.resolve(name)
+        elif host_name is not None and not holders:
+            holders = await self._ask_all(ref, unknown_host=host_name)
         if not holders:
             holders = await self._ask_all(ref)
         if len(holders) > 1:
@@ -139,21 +152,26 @@ class Hosts:
                            f"{ref}@HOST", code="ambiguous_domain")
         return holders[0], await holders[0].resolve(ref)
 
-    async def _ask_all(self, ref: str) -> list[Host]:
-        """The connected hosts that have a domain the caches do not know (just defined)."""
-        hosts = [host for host in self if host.connected]
-        answers = await asyncio.gather(*(host.resolve(ref) for host in hosts),
-                                       return_exceptions=True)
-        found = [host for host, answer in zip(hosts, answers, strict=True)
-                 if isinstance(answer, DomainEntry)]
+    async def _ask_all(self, ref: str, unknown_host: str | None = None) -> list[Host]:
+        """The hosts that have a domain the caches do not know (just defined), asked side by
+        side; one that does not answer in time (frozen) is named in the 404."""
+        async def ask(host: Host) -> DomainEntry | bool:
+            if not host.connected:
+                return False
+            try:
+                return await host.resolve(ref)
+            except NotFound:
+                return False
+
+        answers = await self.each(ask, "domain lookup")
+        found = [host for host, answer in answers if isinstance(answer, DomainEntry)]
         if found:
             return found
-        for answer in answers:
-            if isinstance(answer, BaseException) and not (
-                    isinstance(answer, ApiError) and answer.status == 404):
-                raise answer
-        away = [host.name for host in self if not host.connected]
-        unknown = f" (not connected: {', '.join(away)})" if away else ""
+        if unknown_host is not None:
+            self.get(unknown_host)  # 404 host_not_found
+        away = [host.name for host, answer in answers if answer is None or
+                not host.connected]
+        unknown = f" (not connected or not answering: {', '.join(away)})" if away else ""
         raise NotFound(f"no domain {ref!r} on any host{unknown}", code="domain_not_found")
 
     async def each(self, read: Callable[[Host], Awaitable[T]],
