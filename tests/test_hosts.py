@@ -8,6 +8,7 @@ c is test:///default, whose only domain, `test`, no other host has.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,13 @@ async def test_a_name_on_several_hosts_is_ambiguous(several: TestClient) -> None
     assert await answer(several, "/api/0/state/win11@a") == (200, "shut off")
 
 
+async def test_log_lines_name_the_host(several: TestClient,
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="webvirt"):
+        assert await answer(several, "/api/0/start/win11@b") == (200, "starting")
+    assert "start win11 (host b): starting" in caplog.messages
+
+
 async def test_name_at_host_addresses_one_host(several: TestClient) -> None:
     assert await answer(several, "/api/0/start/win11@a") == (200, "starting")
     assert await answer(several, "/api/0/state/win11@a") == (200, "running")
@@ -203,6 +211,13 @@ async def test_with_one_host_answers_are_as_they_were(client: TestClient) -> Non
         await client.get("/api/0/start/win11@local")
         started = await next_message(ws, is_type("lifecycle"))
         assert "host" not in started
+    # NAME@HOST filters events too, as it addresses REST paths.
+    async with client.ws_connect("/api/0/events?domain=win11@local") as ws:
+        snapshot = await next_message(ws, is_type("snapshot"))
+        assert [d["name"] for d in snapshot["domains"]] == ["win11"]
+        await client.get("/api/0/destroy/win11")
+        stopped = await next_message(ws, is_type("lifecycle"))
+        assert (stopped["domain"], stopped["event"]) == ("win11", "stopped")
 
 
 # Host devices.

@@ -52,6 +52,7 @@ class FakeHost:
 
     def __init__(self, devices: list[dict[str, Any]], running: tuple[Holder, ...]):
         self.connected, self.local = True, False
+        self.said = ""  # one host: log lines name none
         self.devices = devices
         self.running = {h.uuid: h.domain for h in running}
         self.held: dict[str, str] = {}  # address -> uuid

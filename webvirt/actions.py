@@ -25,5 +25,5 @@ async def perform(host: Host, entry: DomainEntry, action: str, operation: Operat
     409 ambiguous)."""
     with host.exclusive(entry) if exclusive else contextlib.nullcontext():
         result = await host.act(entry, operation)
-    log.info("%s %s: %s", action, entry.name, result)
+    log.info("%s %s%s: %s", action, entry.name, host.said, result)
     return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 from aiohttp import WSCloseCode, web
 from aiohttp_apigami import docs
 
-from webvirt.appkeys import EVENT_HUB, SETTINGS
+from webvirt.appkeys import EVENT_HUB, HOSTS, SETTINGS
 from webvirt.errors import ApiError
+from webvirt.hosts import split_ref
 from webvirt.hub import (
     EventFilter,
     EventHub,
@@ -83,6 +85,12 @@ def client_left() -> web.Response:
 )
 async def events(request: web.Request) -> web.StreamResponse:
     event_filter = EventFilter.from_query(request.query)
+    hosts = request.app[HOSTS]
+    if not hosts.several and event_filter.domains:
+        # With one host, events name no host: NAME@HOST means NAME (as a REST path does).
+        event_filter = dataclasses.replace(event_filter, domains=event_filter.domains | {
+            name for name, host in map(split_ref, event_filter.domains)
+            if host == hosts.default.name})
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await serve_websocket(request, event_filter)
     if accepts_event_stream(request.headers.get("Accept", "")):

@@ -63,6 +63,8 @@ class Host:
         self.name = name
         # With several hosts, what this host tells (events, snapshot entries) names it.
         self.tags: dict[str, str] = {"host": name} if tagged else {}
+        # What log lines add to say which host (nothing with one host: its lines as before).
+        self.said = f" (host {name})" if tagged else ""
         self.call_timeout = call_timeout
         # Each connection to a test:///FILE URI is a private copy of that host: use one.
         self.connection_count = 1 if (uri or "").startswith("test:") else connections
@@ -190,7 +192,7 @@ class Host:
         if self._closing or not self.connected:
             return  # closing, or still setting up (_connect raises)
         self.connected = False
-        log.warning("lost the libvirt connection (%s); reconnecting", reason)
+        log.warning("lost the libvirt connection%s (%s); reconnecting", self.said, reason)
         self.publish("connection", state="lost", reason=reason)
         self._reconnector = self._spawn(self._reconnect())
 
@@ -205,10 +207,10 @@ class Host:
                 # abandoned, so stuck threads cannot pile up while the daemon stays frozen.
                 await self._connect(open_seconds=None)
             except (ApiError, libvirt.libvirtError) as err:
-                log.debug("reconnect attempt %d failed: %s", attempt, err)
+                log.debug("reconnect attempt %d%s failed: %s", attempt, self.said, err)
                 continue
-            log.info("reconnected to libvirt at %s after %d attempt(s)", self.connected_uri,
-                     attempt)
+            log.info("reconnected to libvirt at %s%s after %d attempt(s)", self.connected_uri,
+                     self.said, attempt)
             # The lost session's libvirt objects may sit in reference cycles (a traceback
             # keeps a call's frame); free them, and their eventfds, now, not at some later GC.
             gc.collect()
@@ -380,7 +382,7 @@ class Host:
             except ApiError as err:
                 if err.status != 501:
                     raise
-                log.info("host devices unavailable: %s", err.detail)
+                log.info("host devices unavailable%s: %s", self.said, err.detail)
                 return
             added, removed = self.devices.replace_all(descriptions)
         if tell:

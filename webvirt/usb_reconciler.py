@@ -243,7 +243,8 @@ class UsbReconciler:
                 await self._pass()
                 self.passes += 1
             except ApiError as err:
-                log.warning("USB reconciliation failed: %s; trying again", err.detail)
+                log.warning("USB reconciliation failed%s: %s; trying again", self.host.said,
+                            err.detail)
             except Exception:  # a bug here must not end reconciling for good
                 log.exception("USB reconciliation failed; trying again")
             else:
@@ -364,14 +365,15 @@ class UsbReconciler:
             self._wake_later(BUSY_RETRY_S)
             return
         except ApiError as err:
-            log.warning("could not detach stale USB device %s (was %s) from %s: %s",
-                        hostdev["alias"], hostdev["address"], item.domain, err.detail)
+            log.warning("could not detach stale USB device %s (was %s) from %s%s: %s",
+                        hostdev["alias"], hostdev["address"], item.domain, self.host.said,
+                        err.detail)
             self.hub.publish("detach", **event, **self.tags, result="error",
                              error=err.detail)
             return
         if detached:
-            log.info("detached stale USB device %s (was %s, unplugged) from %s",
-                     hostdev["alias"], hostdev["address"], item.domain)
+            log.info("detached stale USB device %s (was %s, unplugged) from %s%s",
+                     hostdev["alias"], hostdev["address"], item.domain, self.host.said)
             self.hub.publish("detach", **event, **self.tags, result="ok")
 
 
