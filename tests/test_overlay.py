@@ -26,6 +26,8 @@ from tests.conftest import (
 )
 from tests.libvirt_daemon import guest_xml
 from tests.processes import REPO, free_port
+from webvirt.appkeys import EVENT_HUB
+from webvirt.hosts import HostSpec
 
 FULL_HD = {"width": 1920, "height": 1080}
 
@@ -91,6 +93,30 @@ async def test_recovers_after_a_dropped_connection(client: TestClient, page: Pag
     assert await (await client.get("/api/0/start/win11")).json() == "starting"
     await expect(vm(page, "win11").locator(".state")).to_have_text("running")
     await expect(page.locator("#status")).to_be_hidden()
+
+
+async def test_several_hosts_keep_their_vms_apart(make_client: ClientFactory, tmp_path: Path,
+                                                   page: Page) -> None:
+    """Two hosts with a VM of the same name: two entries, each following its own host; one
+    host away is said for its VMs only."""
+    b_uri = host_uri(tmp_path / "b.xml", domain_xml("win11", usb_hostdev("046d", "c52b")))
+    client = await make_client(hosts=(HostSpec("a", DEMO_HOST_URI), HostSpec("b", b_uri)))
+    await open_overlay(page, client, "?domain=win11,linux-dev@a")
+    await expect(page.locator(".vm .name")).to_have_text(["win11@a", "win11@b", "linux-dev@a"])
+    await expect(vm(page, "win11@a").locator(".state")).to_have_text("shut off")
+    await expect(vm(page, "win11@b").locator(".state")).to_have_text("running")
+    await expect(vm(page, "win11@b").locator(".device")).to_have_text(["046d:c52b"])
+    await expect(vm(page, "win11@a").locator(".device")).to_have_count(0)
+
+    assert await (await client.get("/api/0/start/win11@a")).json() == "starting"
+    await expect(vm(page, "win11@a").locator(".state")).to_have_text("running")
+    assert await (await client.get("/api/0/destroy/win11@b")).json() == "forced off"
+    await expect(vm(page, "win11@b").locator(".state")).to_have_text("shut off")
+    await expect(vm(page, "win11@a").locator(".state")).to_have_text("running")
+
+    # A connection event of host b: said as b's, not as webvirt's whole.
+    client.app[EVENT_HUB].publish("connection", state="lost", reason="test", host="b")
+    await expect(page.locator("#status")).to_have_text("libvirt connection lost (b)")
 
 
 def png_pixels(png: bytes) -> tuple[int, int, list[bytes]]:
