@@ -194,8 +194,10 @@ async def test_with_several_hosts_a_reconciler_keeps_to_its_hosts_rules_and_even
     hub = EventHub()
     on_a = Rule(1, "win11@a", WIN.uuid, UsbIdMatch("046d", "c52b"), created=1.0)
     on_b = Rule(2, "linux@b", LINUX.uuid, UsbIdMatch("1234", "5678"), created=2.0)
-    reconciler = UsbReconciler(host, hub, FakeRules([on_a, on_b]),  # type: ignore[arg-type]
-                               {"host": "b"})
+    # Made while webvirt had one host: the first host's (a), not b's copy of win11.
+    bare = Rule(3, "win11", WIN.uuid, UsbIdMatch("046d", "c52b"), created=3.0)
+    reconciler = UsbReconciler(host, hub, FakeRules([on_a, on_b, bare]),  # type: ignore[arg-type]
+                               {"host": "b"}, first=False)
     events: list[dict[str, Any]] = []
     hub.listen(lambda e: events.append(e) if e["type"] == "rule" else None)
     reconciler.wake()

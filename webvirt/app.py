@@ -79,7 +79,8 @@ async def libvirt_connection(app: web.Application) -> AsyncIterator[None]:
 
 async def usb_reconciler(app: web.Application) -> AsyncIterator[None]:
     # One per host: a frozen host's pass holds up no other host's devices.
-    reconcilers = [UsbReconciler(host, app[EVENT_HUB], app[RULES], host.tags)
+    reconcilers = [UsbReconciler(host, app[EVENT_HUB], app[RULES], host.tags,
+                                 first=host is app[HOSTS].default)
                    for host in app[HOSTS]]
     app[USB_RECONCILER] = reconcilers[0]
     for reconciler in reconcilers:

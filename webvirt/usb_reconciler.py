@@ -142,15 +142,17 @@ def _by_younger_rule(holder: Holder, device: Description, rule: Rule,
 
 class UsbReconciler:
     __slots__ = ("_attempts", "_pending", "_periodic", "_reported", "_rule_domains",
-                 "_stop_listening", "_task", "_waiting", "host", "hub", "passes", "rules",
-                 "tags")
+                 "_stop_listening", "_task", "_waiting", "first", "host", "hub", "passes",
+                 "rules", "tags")
 
     def __init__(self, host: Host, hub: EventHub, rules: RuleSource | None = None,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, *, first: bool = True):
         self.host = host
         self.hub = hub
-        # With several hosts, one reconciler per host: {"host": name} (Host.tags).
+        # With several hosts, one reconciler per host: {"host": name} (Host.tags). The first
+        # host's also takes the rules without @HOST (made while webvirt had one host).
         self.tags = tags or {}
+        self.first = first
         self.rules = rules
         self._pending = False
         self._task: asyncio.Task[None] | None = None
@@ -274,13 +276,14 @@ class UsbReconciler:
 
     def _mine(self, rules: Sequence[Rule]) -> list[Rule]:
         """With several hosts, a rule names its domain NAME@HOST: this host's rules, by the
-        bare name (a rule made with one host, without @HOST, goes wherever its UUID runs)."""
+        bare name. A rule without @HOST (made with one host) is the first host's, as the MQTT
+        bridge shows it: a copy of the VM on another host (the same UUID) is not its own."""
         if not self.tags:
             return list(rules)
         mine = []
         for rule in rules:
             name, host = split_ref(rule.domain)
-            if host in (None, self.tags["host"]):
+            if host == self.tags["host"] or (host is None and self.first):
                 mine.append(dataclasses.replace(rule, domain=name))
         return mine
 
