@@ -307,7 +307,9 @@ async function detachHeld(name, hostdev, title) {
 
 let hostDevices = []; // GET /api/0/host/devices, without USB root hubs
 let hostDevicesJson = "";
-let chosenDevice = null; // the picked device's name (libvirt's node-device name)
+let chosenDevice = null; // the picked device's key (libvirt's node-device name[@HOST])
+// Several hosts name their devices alike (usb_1_4 on each): NAME@HOST tells them apart.
+const deviceKey = (device) => refOf(device.name, device.host);
 let pickerBusy = false;
 const PCI_ADDRESS = /^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$/i;
 
@@ -380,7 +382,7 @@ const refreshHostDevices = coalesced(async () => {
 function renderPicker() {
   const usb = hostDevices.filter((device) => device.type === "usb");
   const pci = hostDevices.filter((device) => device.type === "pci");
-  if (!hostDevices.some((device) => device.name === chosenDevice)) chosenDevice = null;
+  if (!hostDevices.some((device) => deviceKey(device) === chosenDevice)) chosenDevice = null;
   $("usb-devices").replaceChildren(...usb.map(pickerItem));
   $("pci-devices").replaceChildren(...pci.map(pickerItem));
   $("no-usb-devices").hidden = usb.length > 0;
@@ -390,15 +392,15 @@ function renderPicker() {
 
 function pickerItem(device) {
   const item = el("li");
-  item.dataset.device = device.name;
+  item.dataset.device = deviceKey(device);
   const label = el("label", "pick");
   const radio = el("input");
   radio.type = "radio";
   radio.name = "host-device";
-  radio.value = device.name;
-  radio.checked = device.name === chosenDevice;
+  radio.value = deviceKey(device);
+  radio.checked = deviceKey(device) === chosenDevice;
   radio.addEventListener("change", () => {
-    chosenDevice = device.name;
+    chosenDevice = deviceKey(device);
     showMessage($("picker-message"), "");
     renderPickerActions();
   });
@@ -408,7 +410,8 @@ function pickerItem(device) {
       && `IOMMU group ${device.iommu_group}`;
   // A USB address changes at every plug: it only tells apart devices that have no port.
   const address = device.type === "pci" || !device.port ? device.address : "";
-  const facts = [device.product ? device.vendor : "", idsOf(device), where, address]
+  const facts = [device.host && `host ${device.host}`, device.product ? device.vendor : "",
+    idsOf(device), where, address]
     .filter(Boolean).join(" · ");
   const holders = holdersText(device);
   const text = el("span", "pick-text");
@@ -420,22 +423,25 @@ function pickerItem(device) {
 }
 
 function chosen() {
-  return hostDevices.find((device) => device.name === chosenDevice) || null;
+  return hostDevices.find((device) => deviceKey(device) === chosenDevice) || null;
 }
 
 function renderPickerActions() {
   const device = chosen();
   const domain = $("picker-domain").value;
   const kind = device && device.type.toUpperCase();
-  $("picker-chosen").textContent = device
-    ? `Chosen: ${deviceTitle(device)} (${kind} ${idsOf(device) || device.address})`
-    : "No device chosen.";
-  $("attach-now").disabled = pickerBusy || !device || !domain || !templateCall(device);
+  // A device goes only to a VM on its own host.
+  const elsewhere = device && device.host && domains.get(domain)?.host !== device.host;
+  $("picker-chosen").textContent = !device ? "No device chosen."
+    : `Chosen: ${deviceTitle(device)} (${kind} ${idsOf(device) || device.address})`
+      + (elsewhere ? ` — on host ${device.host}: choose a VM there` : "");
+  $("attach-now").disabled = pickerBusy || !device || !domain || elsewhere
+    || !templateCall(device);
   const usb = device && device.type === "usb";
   $("give-always").hidden = !usb;
-  $("give-always").disabled = pickerBusy || !domain || !idsOf(device || {});
+  $("give-always").disabled = pickerBusy || !domain || elsewhere || !idsOf(device || {});
   $("give-port").hidden = !(usb && device.port);
-  $("give-port").disabled = pickerBusy || !domain;
+  $("give-port").disabled = pickerBusy || !domain || elsewhere;
   if (usb && device.port) $("give-port").textContent = `Always give port ${device.port} to this VM`;
 }
 

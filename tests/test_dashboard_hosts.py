@@ -39,3 +39,23 @@ async def test_one_host_has_no_host_groups(client: TestClient, page: Page) -> No
     await expect(page.locator("#domains .card")).to_have_count(3)
     await expect(page.locator("#hosts")).to_be_hidden()
     await expect(page.locator(".host-group")).to_have_count(0)
+
+
+async def test_the_picker_gives_a_device_only_to_a_vm_on_its_host(make_client: ClientFactory,
+                                                                   page: Page) -> None:
+    """Both hosts have a usb_1_4: each is listed with its host, and one goes only to a VM on
+    its own host."""
+    client = await make_client(hosts=(HostSpec("a", DEMO_HOST_URI), HostSpec("b", DEMO_HOST_URI)))
+    await open_dashboard(page, client)
+    for host in ("a", "b"):
+        await expect(page.locator(f'#usb-devices [data-device="usb_1_4@{host}"]')).to_contain_text(
+            f"host {host}")
+    await page.locator('#usb-devices [data-device="usb_1_4@b"] input').check()
+    attach = page.get_by_role("button", name="Attach now")
+    await page.locator("#picker-domain").select_option("win11@a")
+    await expect(page.locator("#picker-chosen")).to_contain_text("on host b: choose a VM there")
+    await expect(attach).to_be_disabled()
+    await expect(page.locator("#give-always")).to_be_disabled()
+    await page.locator("#picker-domain").select_option("win11@b")
+    await expect(attach).to_be_enabled()
+    await expect(page.locator("#give-always")).to_be_enabled()
