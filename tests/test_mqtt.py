@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
@@ -24,6 +27,7 @@ from tests.mosquitto import Broker, Subscriber
 from tests.processes import free_port, spawn_webvirt, wait_until_serving
 from tests.waiting import until
 from webvirt import host as host_module
+from webvirt import mqtt_bridge
 from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.config import MqttSettings, MqttUrlError, mqtt_settings
 from webvirt.errors import ApiError
@@ -61,10 +65,11 @@ def settings_for(broker: Broker, layout: Layout) -> MqttSettings:
 class Bridged:
     """A webvirt app with --mqtt, and a subscriber to everything under both prefixes."""
 
-    def __init__(self, client: TestClient, mqtt: Subscriber, layout: Layout):
+    def __init__(self, client: TestClient, mqtt: Subscriber, layout: Layout, mqtt_port: int):
         self.client = client
         self.mqtt = mqtt
         self.layout = layout
+        self.mqtt_port = mqtt_port
 
 
 @pytest.fixture
@@ -74,7 +79,7 @@ async def bridged(make_client: ClientFactory, broker: Broker) -> AsyncIterator[B
                           f"{layout.discovery_prefix}/#") as mqtt:
         client = await make_client(mqtt=settings_for(broker, layout))
         await mqtt.wait(layout.status, "online")
-        yield Bridged(client, mqtt, layout)
+        yield Bridged(client, mqtt, layout, broker.port)
 
 
 def config(mqtt: Subscriber, topic: str) -> dict[str, Any]:
@@ -450,7 +455,7 @@ async def test_several_hosts_have_devices_of_their_own(make_client: ClientFactor
             assert mqtt.last(layout.host_status(name)) == b"online"
         assert mqtt.last(layout.state(WIN11)) is None  # no topic without its host
 
-        several = Bridged(client, mqtt, layout)
+        several = Bridged(client, mqtt, layout, broker.port)
         await command(several, f"b-{WIN11}", "ON")
         await mqtt.wait(layout.state(f"b-{WIN11}"), "running")
         assert await (await client.get("/api/0/state/win11@a")).json() == "shut off"
@@ -462,3 +467,285 @@ async def test_several_hosts_have_devices_of_their_own(make_client: ClientFactor
         assert (error["status"], error["error"]) == (409, "ambiguous_domain")
         await command(several, "win11@a", "ON")
         await mqtt.wait(layout.state(f"a-{WIN11}"), "running")
+
+
+# 10. What the review found
+
+def test_overlapping_prefixes_and_url_mistakes_are_refused(tmp_path: Path) -> None:
+    def refused(url: str, prefix: str = "webvirt", discovery: str = "homeassistant",
+                env: dict[str, str] | None = None, ca: Path | None = None) -> str:
+        with pytest.raises(MqttUrlError) as caught:
+            mqtt_settings(url, prefix, discovery, env or {}, ca)
+        return str(caught.value)
+
+    # The bridge would take its own status for Home Assistant's birth, and loop.
+    for prefix, discovery in [("ha", "ha"), ("ha/webvirt", "ha"), ("ha", "ha/x")]:
+        assert "overlap" in refused("mqtt://broker", prefix, discovery)
+    assert mqtt_settings("mqtt://broker", "hab", "ha", {}).prefix == "hab"
+    assert "1 to 65535" in refused("mqtt://broker:0")
+    assert "needs a user" in refused("mqtt://:pw@broker")
+    assert "needs a user" in refused("mqtt://broker", env={"WEBVIRT_MQTT_PASSWORD": "pw"})
+    for url in ("mqtt://u:pa#ss@broker", "mqtt://u:pa/ss@broker", "mqtt://u:pa?ss@broker"):
+        assert "percent-encode" in refused(url)
+    assert mqtt_settings("mqtt://u:pa%23ss@broker", "w", "h", {}).password == "pa#ss"
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    assert "mqtts://" in refused("mqtt://broker", ca=ca)
+    assert "not a file" in refused("mqtts://broker", ca=tmp_path / "missing.pem")
+    assert mqtt_settings("mqtts://broker", "w", "h", {}, ca).ca_file == ca
+
+
+async def test_own_status_is_never_home_assistants_birth(
+        make_client: ClientFactory, broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    """With one prefix for both (refused by the command line, not by MqttSettings), the
+    bridge's own PREFIX/status "online" is on Home Assistant's birth topic."""
+    caplog.set_level("DEBUG", "webvirt.mqtt_bridge")
+    tag = secrets.token_hex(3)
+    layout = Layout(f"same{tag}", f"same{tag}")
+    async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
+        await make_client(mqtt=settings_for(broker, layout))
+        await mqtt.wait(layout.status, "online")
+        # In order: the bridge got its own "online" back before this command.
+        mark = mqtt.mark()
+        await mqtt.publish(layout.command(WIN11), "nonsense")
+        await mqtt.wait(layout.error(WIN11), lambda _: True, after=mark)
+    assert "Home Assistant is online" not in caplog.text
+
+
+async def test_a_burst_of_births_is_one_publish(bridged: Bridged) -> None:
+    layout, mqtt = bridged.layout, bridged.mqtt
+    switch = layout.config("switch", WIN11, "power")
+    mark = mqtt.mark()
+    await asyncio.gather(*(mqtt.publish(layout.home_assistant_status, "online")
+                           for _ in range(30)))
+    # Commands come in order: once this one is answered, every birth was read.
+    await command(bridged, WIN11, "nonsense")
+    await error_after(bridged, WIN11, mark)
+    await mqtt.wait(switch, lambda p: bool(p), after=mark)
+    # Published behind any re-publish already asked for.
+    assert (await bridged.client.get("/api/0/start/win11")).status == 200
+    await mqtt.wait(layout.state(WIN11), "running", after=mark)
+    assert [m.topic for m in mqtt.messages[mark:]].count(switch) == 1
+
+
+async def test_changes_while_the_broker_is_away_are_published_on_reconnect(
+        make_client: ClientFactory, tmp_path: Path) -> None:
+    """The model follows the events while the broker is away: an attached device of a domain
+    destroyed meanwhile is OFF, one attached meanwhile is ON."""
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    layout = fresh_layout()
+    try:
+        async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
+            client = await make_client(mqtt=settings_for(broker, layout))
+            hub = client.app[EVENT_HUB]
+            linux_rule = await add_rule(client, "linux-dev")
+            media_rule = await add_rule(client, "media-server")
+            await mqtt.wait(layout.attached(LINUX, linux_rule), "OFF")
+            await mqtt.wait(layout.attached(MEDIA, media_rule), "OFF")
+            attach(hub, linux_rule, "linux-dev", LINUX, "9:1")
+            await mqtt.wait(layout.attached(LINUX, linux_rule), "ON")
+        broker.stop()
+        assert (await client.get("/api/0/destroy/linux-dev")).status == 200
+        attach(hub, media_rule, "media-server", MEDIA, "9:2")
+        broker.start()
+        async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
+            await mqtt.wait(layout.status, "online", seconds=10)
+            await mqtt.wait(layout.attached(LINUX, linux_rule), "OFF")
+            await mqtt.wait(layout.attached(MEDIA, media_rule), "ON")
+    finally:
+        broker.stop()
+
+
+async def add_rule(client: TestClient, domain: str) -> int:
+    # Addresses 9:N in these tests: no device of the demo host has them.
+    response = await client.post("/api/0/rules", json={
+        "domain": domain, "match": {"vendor_id": "046d", "product_id": "c52b"}})
+    assert response.status == 201
+    rule: int = (await response.json())["id"]
+    return rule
+
+
+def attach(hub: Any, rule: int, domain: str, uuid: str, address: str,
+           result: str = "ok") -> None:
+    """What the reconciler says after an attach (the test driver refuses every real one)."""
+    hub.publish("rule", rule=rule, domain=domain, uuid=uuid, device="usb_x", address=address,
+                action="attach", result=result)
+
+
+async def test_a_rule_with_several_devices_is_on_while_one_is_attached(
+        bridged: Bridged) -> None:
+    layout, mqtt, hub = bridged.layout, bridged.mqtt, bridged.client.app[EVENT_HUB]
+    rule = await add_rule(bridged.client, "linux-dev")
+    topic = layout.attached(LINUX, rule)
+    await mqtt.wait(topic, "OFF")
+    mark = mqtt.mark()
+    attach(hub, rule, "linux-dev", LINUX, "9:1")
+    attach(hub, rule, "linux-dev", LINUX, "9:2")
+    await mqtt.wait(topic, "ON", after=mark)
+    mark = mqtt.mark()
+    hub.publish("node-device-removed", device="usb_x", device_type="usb", address="9:2")
+    attach(hub, rule, "linux-dev", LINUX, "9:3", result="error")  # another device
+    # What is published says the model after both (9:1 is still attached).
+    assert (await mqtt.wait(topic, lambda _: True, after=mark)).payload == b"ON"
+    hub.publish("node-device-removed", device="usb_x", device_type="usb", address="9:1")
+    await mqtt.wait(topic, "OFF", after=mark)
+
+
+async def test_a_rename_keeps_the_entities(bridged: Bridged) -> None:
+    """Removing them would make Home Assistant drop their entity ids and settings."""
+    layout, mqtt, host = bridged.layout, bridged.mqtt, bridged.client.app[HOST]
+    switch = layout.config("switch", WIN11, "power")
+    mark = mqtt.mark()
+    await host.call(lambda conn: conn.lookupByUUIDString(WIN11).rename("win12", 0))
+    renamed = await mqtt.wait(switch, lambda p: b'"win12"' in p, after=mark)
+    assert json.loads(renamed.payload)["device"]["name"] == "win12"
+    assert b"" not in [m.payload for m in mqtt.messages[mark:]]
+
+
+async def retained(port: int, *topics: str) -> dict[str, bytes]:
+    """The retained messages on these topics, non-empty: all of them, as the broker sends a
+    subscription's retained messages before a later message (a marker to ourselves)."""
+    marker = f"echo/{secrets.token_hex(4)}"
+    async with Subscriber(port, *topics, marker) as late:
+        await late.publish(marker, "marker")
+        await late.wait(marker, "marker")
+        return {m.topic: m.payload for m in late.messages if m.retain and m.payload}
+
+
+def persistent_broker(directory: Path) -> Broker:
+    """As Home Assistant's Mosquitto add-on: retained messages survive a restart."""
+    broker = Broker(directory)
+    broker.config.write_text(broker.config.read_text().replace(
+        "persistence false", f"persistence true\npersistence_location {directory}/"))
+    return broker
+
+
+async def test_what_went_while_webvirt_was_away_is_removed(
+        make_client: ClientFactory, tmp_path: Path) -> None:
+    broker = Broker(tmp_path / "broker")
+    broker.start()
+    layout = fresh_layout()
+    everything = (f"{layout.prefix}/#", f"{layout.discovery_prefix}/#")
+    second: TestClient | None = None
+    try:
+        async with Subscriber(broker.port, layout.status) as mqtt:
+            client = await make_client(mqtt=settings_for(broker, layout))
+            rule = await add_rule(client, "win11")
+            await mqtt.wait(layout.status, "online")
+        async with Subscriber(broker.port, layout.rule_config_topic(WIN11, rule)) as seen:
+            await seen.wait(layout.rule_config_topic(WIN11, rule), lambda p: bool(p))
+        await client.close()
+        # Next start: a host without win11 (test:///default has one domain, "test").
+        async with Subscriber(broker.port, layout.status) as mqtt:
+            second = await make_client(uri="test:///default", mqtt=settings_for(broker, layout))
+            await mqtt.wait(layout.status, "online")
+        left = await retained(broker.port, *everything)
+        assert not [topic for topic in left if WIN11 in topic], left
+        assert layout.config("switch", await asyncio.to_thread(default_test_uuid),
+                             "power") in left
+    finally:
+        # Before the broker stops: a second app closed after it hangs the teardown (as before
+        # these changes; not investigated yet).
+        if second is not None:
+            await second.close()
+        broker.stop()
+
+
+async def test_a_rule_deleted_while_the_broker_was_away_is_removed(
+        make_client: ClientFactory, tmp_path: Path) -> None:
+    broker = persistent_broker(tmp_path / "broker")
+    broker.start()
+    layout = fresh_layout()
+    try:
+        async with Subscriber(broker.port, f"{layout.discovery_prefix}/#") as mqtt:
+            client = await make_client(mqtt=settings_for(broker, layout))
+            rule = await add_rule(client, "win11")
+            await mqtt.wait(layout.rule_config_topic(WIN11, rule), lambda p: bool(p))
+        broker.stop()
+        assert (await client.delete(f"/api/0/rules/{rule}")).status == 204
+        broker.start()
+        async with Subscriber(broker.port, layout.status) as mqtt:
+            await mqtt.wait(layout.status, "online", seconds=10)
+        left = await retained(broker.port, f"{layout.prefix}/#", f"{layout.discovery_prefix}/#")
+        assert not [topic for topic in left if "rule" in topic], left
+        assert layout.config("switch", WIN11, "power") in left
+    finally:
+        broker.stop()
+
+
+async def test_a_command_flood_is_a_few_lines_and_told_on_the_error_topic(
+        bridged: Bridged, caplog: pytest.LogCaptureFixture) -> None:
+    layout, mqtt = bridged.layout, bridged.mqtt
+    caplog.set_level("WARNING")
+    mark = mqtt.mark()
+    # libvirt busy for a while: the commands (force off takes no lock) pile up behind it.
+    host = bridged.client.app[HOST]
+    busy = asyncio.create_task(host.call(lambda _conn: time.sleep(1)))
+    flood = aiomqtt.Client("127.0.0.1", bridged.mqtt_port, max_inflight_messages=1000,
+                           logger=logging.getLogger("tests.flood"))
+    async with flood:
+        await asyncio.gather(*(flood.publish(layout.command(WIN11), "FORCE_OFF", qos=1)
+                               for _ in range(2000)))
+    dropped = await mqtt.wait(layout.error(WIN11), lambda p: b"too_many" in p, after=mark)
+    assert json.loads(dropped.payload)["status"] == 503
+    await busy
+
+    async def answered() -> bool:  # in order: once answered, the flood was read
+        await command(bridged, LINUX, "nonsense")
+        return any(m.topic == layout.error(LINUX) for m in mqtt.messages[mark:])
+
+    await until(answered, 10, "a command after the flood answered")
+    lines = [r for r in caplog.records
+             if r.name.startswith("webvirt.mqtt_bridge") and r.levelno >= logging.WARNING]
+    assert 0 < len(lines) < 10, [r.getMessage() for r in lines]
+
+
+async def test_no_log_line_holds_the_mqtt_password(tmp_path: Path) -> None:
+    """A short password ("test") is not redacted either: redacting it would garble every line
+    that happens to hold it, and say what it is."""
+    broker = Broker(tmp_path / "broker", credentials=("hass", "test"))
+    broker.start()
+    port = free_port()
+    layout = fresh_layout()
+    process = spawn_webvirt(
+        "test:///default", port, "--log-level", "debug",
+        "--mqtt", f"mqtt://hass:test@127.0.0.1:{broker.port}", "--mqtt-prefix", layout.prefix,
+        "--mqtt-discovery-prefix", layout.discovery_prefix, state_dir=tmp_path / "state")
+    try:
+        async with Subscriber(broker.port, layout.status, credentials=("hass", "test")) as mqtt:
+            await mqtt.wait(layout.status, "online", seconds=10)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=10)
+    finally:
+        process.kill()
+        broker.stop()
+    assert "test:///default" in stderr and "MQTT: connected" in stderr
+    assert "***" not in stderr and "hass:test" not in stderr and "mqtt://" not in stderr
+
+
+async def test_refused_credentials_are_a_warning_after_a_reconnect(
+        make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker's password changed while webvirt was connected: the refusal that follows a
+    lost connection must show at the default log level."""
+    monkeypatch.setattr(mqtt_bridge, "RECONNECT_DELAYS_S", (0.2,))
+    caplog.set_level("WARNING", "webvirt.mqtt_bridge")
+    broker = Broker(tmp_path / "broker", credentials=("hass", "old"))
+    broker.start()
+    layout = fresh_layout()
+    settings = MqttSettings("127.0.0.1", broker.port, username="hass", password="old",
+                            prefix=layout.prefix, discovery_prefix=layout.discovery_prefix)
+    try:
+        async with Subscriber(broker.port, layout.status, credentials=("hass", "old")) as mqtt:
+            await make_client(mqtt=settings)
+            await mqtt.wait(layout.status, "online")
+        broker.stop()
+        await asyncio.to_thread(subprocess.run, ["mosquitto_passwd", "-b",
+                                str(tmp_path / "broker" / "passwords"), "hass", "new"],
+                                check=True, capture_output=True)
+        broker.start()
+        await until(lambda: "refused webvirt's credentials" in caplog.text, 10, "a warning")
+        assert "Not authorized" in caplog.text
+    finally:
+        broker.stop()

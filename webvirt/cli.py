@@ -149,9 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "$WEBVIRT_MQTT_PASSWORD instead. Whoever may publish to the "
                              "broker controls the VMs: secure it (default: no MQTT)")
     parser.add_argument("--mqtt-prefix", metavar="PREFIX", default="webvirt",
-                        help="topic prefix for states and commands (default: %(default)s)")
+                        help="topic prefix for states and commands; one per webvirt on a broker "
+                             "(default: %(default)s)")
     parser.add_argument("--mqtt-discovery-prefix", metavar="PREFIX", default="homeassistant",
                         help="Home Assistant's discovery prefix (default: %(default)s)")
+    parser.add_argument("--mqtt-ca", metavar="FILE", type=Path, default=None,
+                        help="CA bundle (PEM) to trust for an mqtts:// broker, e.g. one with a "
+                             "self-signed certificate (default: the system's CAs)")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="how much to log (default: %(default)s)")
@@ -200,11 +204,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mqtt is not None:
         try:
             mqtt = mqtt_settings(args.mqtt, args.mqtt_prefix, args.mqtt_discovery_prefix,
-                                 os.environ)
+                                 os.environ, args.mqtt_ca)
         except MqttUrlError as err:
             parser.error(str(err))
-    stop_logging = log_output.start(args.log_level, secrets=[
-        args.token, *args.read_token, mqtt.password if mqtt else None])
+    # Not the MQTT password: nothing logs it (nor the URL), and a short one ("test") would
+    # garble every line it happens to be part of.
+    stop_logging = log_output.start(args.log_level, secrets=[args.token, *args.read_token])
     try:
         error = run(args, mqtt)
     finally:

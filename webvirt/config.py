@@ -37,6 +37,9 @@ class MqttSettings:
     # Topics: state and commands under `prefix`, discovery configs under `discovery_prefix`.
     prefix: str = "webvirt"
     discovery_prefix: str = "homeassistant"
+    # A CA bundle to trust for mqtts:// (a broker with a self-signed certificate); None: the
+    # system's CAs.
+    ca_file: Path | None = None
 
 
 # A prefix is one or more topic levels: no wildcards, no empty level, no NUL.
@@ -48,31 +51,52 @@ class MqttUrlError(ValueError):
 
 
 def mqtt_settings(url: str, prefix: str, discovery_prefix: str,
-                  environ: Mapping[str, str]) -> MqttSettings:
+                  environ: Mapping[str, str], ca_file: Path | None = None) -> MqttSettings:
     """mqtt://[user[:password]@]host[:port] (or mqtts://); the password may instead come from
     $WEBVIRT_MQTT_PASSWORD, which keeps it out of the process list."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("mqtt", "mqtts"):
         raise MqttUrlError("--mqtt: the URL must start with mqtt:// or mqtts://")
+    if "@" in url.partition("://")[2] and "@" not in parts.netloc:
+        # urlsplit ends the user part at the first # / or ?: the rest became a path.
+        raise MqttUrlError("--mqtt: percent-encode # / ? in the user or password (%23 %2F %3F),"
+                           " or give the password in $WEBVIRT_MQTT_PASSWORD")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise MqttUrlError("--mqtt: only mqtt://[USER[:PASSWORD]@]HOST[:PORT], no path or query")
     try:
         port = parts.port
     except ValueError:
-        raise MqttUrlError("--mqtt: the port must be a number from 1 to 65535") from None
+        port = 0
+    if port == 0:  # urlsplit takes 0; a default in its place would hide the typo
+        raise MqttUrlError("--mqtt: the port must be a number from 1 to 65535")
     if not parts.hostname:
         raise MqttUrlError("--mqtt: the URL names no host")
+    check_prefixes(prefix, discovery_prefix)
+    username = urllib.parse.unquote(parts.username) if parts.username else None
+    password = (urllib.parse.unquote(parts.password) if parts.password is not None
+                else environ.get("WEBVIRT_MQTT_PASSWORD") or None)
+    if password and not username:  # aiomqtt would drop it silently: no user, no password
+        raise MqttUrlError("--mqtt: a password needs a user: mqtt://USER[:PASSWORD]@HOST")
+    tls = parts.scheme == "mqtts"
+    if ca_file is not None and not tls:
+        raise MqttUrlError("--mqtt-ca: only for an mqtts:// URL")
+    if ca_file is not None and not ca_file.is_file():
+        raise MqttUrlError(f"--mqtt-ca: {ca_file} is not a file")
+    return MqttSettings(host=parts.hostname, port=port or (8883 if tls else 1883),
+                        username=username, password=password, tls=tls, prefix=prefix,
+                        discovery_prefix=discovery_prefix, ca_file=ca_file)
+
+
+def check_prefixes(prefix: str, discovery_prefix: str) -> None:
     for name, value in (("--mqtt-prefix", prefix), ("--mqtt-discovery-prefix", discovery_prefix)):
         if not _TOPIC_PREFIX.fullmatch(value):
             raise MqttUrlError(f"{name}: {value!r} is not a topic prefix (levels joined by /, "
                                "none empty, no + or #)")
-    username = urllib.parse.unquote(parts.username) if parts.username is not None else None
-    password = (urllib.parse.unquote(parts.password) if parts.password is not None
-                else environ.get("WEBVIRT_MQTT_PASSWORD") or None)
-    tls = parts.scheme == "mqtts"
-    return MqttSettings(host=parts.hostname, port=port or (8883 if tls else 1883),
-                        username=username or None, password=password, tls=tls, prefix=prefix,
-                        discovery_prefix=discovery_prefix)
+    # One tree inside the other: the bridge would take its own topics for Home Assistant's.
+    if f"{prefix}/".startswith(f"{discovery_prefix}/") or \
+            f"{discovery_prefix}/".startswith(f"{prefix}/"):
+        raise MqttUrlError(f"--mqtt-prefix {prefix!r} and --mqtt-discovery-prefix "
+                           f"{discovery_prefix!r} overlap: give them separate topic trees")
 
 
 @dataclass(frozen=True)

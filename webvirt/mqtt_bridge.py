@@ -9,6 +9,11 @@ bridge. The broker may come and go: HTTP is served meanwhile, the bridge reconne
 backoff and publishes discovery and every state again (retained: a broker without
 persistence has lost them).
 
+The hub's events update the model (domains, rules, attached devices) at once, broker or not;
+only the publishing waits for the broker, and a connection publishes the whole model. What this
+webvirt has configs for is kept retained on PREFIX/inventory: at each connect, what it lists
+and is gone (a VM undefined, a rule deleted while webvirt or the broker was away) is removed.
+
 Whoever can publish to PREFIX/+/set controls the VMs, like a holder of the API token: secure
 the broker (credentials, ACLs). The bridge reacts to its own command topics and to Home
 Assistant's birth message, nothing else.
@@ -22,7 +27,9 @@ import json
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
@@ -40,6 +47,9 @@ from webvirt.rules import Rule
 from webvirt.rules_store import Change, RuleStore
 
 log = logging.getLogger(__name__)
+# Lines a broker client can cause once per message (a command flood): throttled (Throttled).
+command_log = logging.getLogger(f"{__name__}.commands")
+client_log = logging.getLogger(f"{__name__}.client")  # aiomqtt's and paho's
 
 RECONNECT_DELAYS_S = (0.5, 1, 2, 4)
 # Payload -> (action as logged and reported, operation, exclusive), as the REST handlers do.
@@ -52,19 +62,106 @@ COMMANDS: dict[str, tuple[str, Operation, bool]] = {
 }
 MAX_PAYLOAD = 64  # bytes; every command is a short word
 MAX_COMMANDS = 32  # in progress at once; more are dropped (a flood must not pile up tasks)
-BACKLOG = 1000  # events waiting to be published; beyond, everything is published afresh
+BACKLOG = 1000  # items waiting to be published; beyond, everything is published afresh
 STOP_PUBLISH_S = 2.0
+# Home Assistant asks to wait a little after its birth: the births of a burst are one publish.
+RESYNC_DELAY_S = 0.5
+INVENTORY_WAIT_S = 5.0  # for the broker's echo at connect (PREFIX/inventory has arrived)
+LOG_EVERY_S = 10.0  # at most one line per this time for a warning a flood repeats
+DROPPED_ERROR_EVERY_S = 1.0  # and one error message for dropped commands
+# Connection refused for the user or password: MQTT 3.1.1's 4 and 5, MQTT 5's 134 and 135.
+REFUSED_CREDENTIALS = frozenset({4, 5, 134, 135})
 # The hub events that change what is published.
 WANTED = frozenset({"lifecycle", "state", "connection", "rule", "detach",
                     "node-device-removed"})
 
-Item = tuple[str, Any]  # ("event", hub event) | ("rule", (change, rule)) | ("resync", None)
+# What to publish, read from the model when published: ("domain", (key, configs too)),
+# ("remove", key), ("rule", id), ("unrule", (key, id)), ("attached", id), ("host", Host),
+# ("error", (ref, error)), ("resync", None).
+Item = tuple[str, Any]
+
+
+class Throttle:
+    """At most one go per `every_s` seconds, counting the ones held back meanwhile."""
+
+    __slots__ = ("every_s", "held", "next_at")
+
+    def __init__(self, every_s: float):
+        self.every_s = every_s
+        self.held = 0
+        self.next_at = 0.0
+
+    def take(self) -> int | None:
+        """None: hold this one back; else how many were held back since the last go."""
+        now = time.monotonic()
+        if now < self.next_at:
+            self.held += 1
+            return None
+        held, self.held, self.next_at = self.held, 0, now + self.every_s
+        return held
+
+
+class Throttled(logging.Filter):
+    """One warning per message template per `every_s` seconds, saying how many were held."""
+
+    def __init__(self, every_s: float):
+        super().__init__()
+        self.every_s = every_s
+        self._throttles: dict[str, Throttle] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        held = self._throttles.setdefault(str(record.msg), Throttle(self.every_s)).take()
+        if held is None:
+            return False
+        if held:
+            record.msg = (f"{record.getMessage()} (and {held} more like it in the last "
+                          f"{self.every_s:g} s)")
+            record.args = ()
+        return True
+
+
+command_log.addFilter(Throttled(LOG_EVERY_S))
+client_log.addFilter(Throttled(LOG_EVERY_S))
+
+
+@dataclass
+class Inventory:
+    """What the broker holds configs of, from this webvirt: domain key -> host name, and
+    (domain key, rule id) of the rules' binary sensors. Retained on PREFIX/inventory."""
+
+    domains: dict[str, str] = field(default_factory=dict)
+    rules: set[tuple[str, int]] = field(default_factory=set)
+
+    def payload(self) -> str:
+        return json.dumps({"domains": dict(sorted(self.domains.items())),
+                           "rules": sorted(self.rules)})
+
+    @classmethod
+    def load(cls, payload: Any) -> Inventory:
+        """Whatever was retained; nothing when it is not an inventory."""
+        try:
+            data = json.loads(bytes(payload))
+            return cls({str(k): str(v) for k, v in data["domains"].items()},
+                       {(str(key), int(rule)) for key, rule in data["rules"]})
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return cls()
+
+    def forget(self, key: str, rules: set[tuple[str, int]]) -> None:
+        self.domains.pop(key, None)
+        self.rules -= rules
+
+    def merge(self, other: Inventory) -> None:
+        self.domains = {**other.domains, **self.domains}
+        self.rules |= other.rules
 
 
 class MqttBridge:
-    __slots__ = ("_attached", "_backlog", "_client", "_commands", "_domains", "_online",
-                 "_rules", "_stop_listening", "_task", "hosts", "hub", "layout", "rules",
-                 "settings")
+    __slots__ = ("_attached", "_backlog", "_birth_timer", "_client", "_commands",
+                 "_domains", "_dropped", "_inventory", "_last_error", "_online",
+                 "_resync_queued", "_rules", "_rules_loaded", "_stop_listening", "_task",
+                 "hosts", "hub", "layout", "rules", "settings")
 
     def __init__(self, settings: MqttSettings, hosts: Hosts, hub: EventHub, rules: RuleStore):
         self.settings = settings
@@ -76,12 +173,18 @@ class MqttBridge:
         self._client: aiomqtt.Client | None = None
         self._online = False  # connected, and publishing what the backlog gets
         self._backlog: asyncio.Queue[Item] = asyncio.Queue(BACKLOG)
+        self._resync_queued = False
+        self._birth_timer: asyncio.TimerHandle | None = None
         self._commands: set[asyncio.Task[None]] = set()
-        # What the broker was told (its retained topics): domains by key (see key()) with
-        # their host, rules by id, and the device address each rule attached.
+        self._dropped = Throttle(DROPPED_ERROR_EVERY_S)
+        self._last_error: str | None = None  # of the connection, to log each new one once
+        # The model, kept by the events whether the broker is there or not: domains by key
+        # (see key()) with their host, rules by id, the device addresses each rule attached.
         self._domains: dict[str, tuple[Host, DomainEntry]] = {}
         self._rules: dict[int, Rule] = {}
-        self._attached: dict[int, str] = {}
+        self._rules_loaded = False
+        self._attached: dict[int, set[str]] = {}
+        self._inventory = Inventory()  # what the broker holds configs of
         self._stop_listening = hub.listen(self._on_event)
         rules.listeners.append(self._on_rule_change)
 
@@ -93,6 +196,8 @@ class MqttBridge:
         self._stop_listening()
         with contextlib.suppress(ValueError):
             self.rules.listeners.remove(self._on_rule_change)
+        if self._birth_timer is not None:
+            self._birth_timer.cancel()
         client = self._client
         if client is not None and self._online:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
@@ -113,39 +218,153 @@ class MqttBridge:
         name = event.get("host")
         return self.hosts.default if name is None else self.hosts.by_name.get(name)
 
+    def _rule_host(self, rule: Rule) -> Host:
+        return self.hosts.by_name.get(split_ref(rule.domain)[1] or "", self.hosts.default)
+
     def _rule_key(self, rule: Rule) -> str:
         return self.key(self._rule_host(rule), rule.domain_uuid)
 
-    # Feeding: called synchronously by the hub and the rule store; quick, never raise.
+    def _rules_of(self, key: str) -> list[Rule]:
+        return [rule for rule in self._rules.values() if self._rule_key(rule) == key]
+
+    # The model: called synchronously by the hub and the rule store; quick, never raise.
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        if event["type"] in WANTED:
-            self._queue(("event", event))
+        if event["type"] not in WANTED:
+            return
+        try:
+            self._apply(event)
+        except Exception:  # a bug must not reach the hub's other listeners
+            log.exception("MQTT: applying a %s event failed", event["type"])
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        host = self._host_of(event)
+        if host is None:
+            return
+        if kind in ("lifecycle", "state"):
+            self._apply_state(host, event)
+        elif kind == "connection":
+            # Its domains are unavailable while it is away; back, everything is told again.
+            self._queue(("host", host))
+            if event.get("state") == "restored":
+                self._queue(("resync", None))
+        elif kind == "rule" and event.get("action") == "attach":
+            self._apply_attach(event)
+        elif kind in ("rule", "detach"):  # taken by an older rule, or unplugged
+            key = self.key(host, str(event.get("uuid")))
+            self._detach(lambda rule, address: (
+                self._rule_key(rule) == key and address == event.get("address")))
+        elif kind == "node-device-removed":
+            self._detach(lambda rule, address: (
+                address == event.get("address") and self._rule_host(rule) is host))
+
+    def _apply_state(self, host: Host, event: dict[str, Any]) -> None:
+        key, state = self.key(host, event["uuid"]), event["state"]
+        if state == "undefined":
+            # A rename is UNDEFINED then DEFINED, both "renamed": the same entities, renamed
+            # by the DEFINED (removing them would lose Home Assistant's ids and settings).
+            if event.get("detail") != "renamed":
+                self._domains.pop(key, None)
+                self._detach(lambda rule, _address: self._rule_key(rule) == key)
+                self._queue(("remove", key))
+            return
+        known = self._domains.get(key)
+        entry = DomainEntry(event["uuid"], event["domain"], state)
+        self._domains[key] = (host, entry)
+        self._queue(("domain", (key, known is None or known[1].name != entry.name)))
+        if power(state) == OFF:  # a stopped domain holds no device
+            self._detach(lambda rule, _address: self._rule_key(rule) == key)
+
+    def _apply_attach(self, event: dict[str, Any]) -> None:
+        rule = self._rules.get(event["rule"])
+        if rule is None:
+            return
+        address = str(event.get("address"))
+        if event.get("result") == "ok":
+            self._attached.setdefault(rule.id, set()).add(address)
+            self._queue(("attached", rule.id))
+        else:  # that device is not attached; the rule's others still are
+            self._detach(lambda other, at: other.id == rule.id and at == address)
+            self._queue(("attached", rule.id))  # OFF after a failure, if none is attached
+
+    def _detach(self, which: Callable[[Rule, str], bool]) -> None:
+        for rule_id, addresses in list(self._attached.items()):
+            rule = self._rules.get(rule_id)
+            gone = {a for a in addresses if rule is None or which(rule, a)}
+            if gone:
+                addresses -= gone
+                if not addresses:
+                    del self._attached[rule_id]
+                self._queue(("attached", rule_id))
 
     def _on_rule_change(self, change: Change, rule: Rule) -> None:
-        self._queue(("rule", (change, rule)))
+        old = self._rules.pop(rule.id, None)
+        if old is not None and (change == "deleted"
+                                or self._rule_key(old) != self._rule_key(rule)):
+            self._attached.pop(rule.id, None)
+            self._queue(("unrule", (self._rule_key(old), old.id)))
+        if change != "deleted":
+            self._rules[rule.id] = rule
+            self._queue(("rule", rule.id))
+
+    def _refresh_domains(self) -> None:
+        """The domains from the caches of the connected hosts (a host that is away keeps its
+        domains: they are unavailable, not gone), and no device attached where none can be."""
+        for host in self.hosts:
+            if host.connected:
+                for key in [k for k, (h, _e) in self._domains.items() if h is host]:
+                    del self._domains[key]
+                for entry in host.cache:
+                    self._domains[self.key(host, entry.uuid)] = (host, entry)
+        for rule_id in [r for r in self._attached if r not in self._rules]:
+            del self._attached[rule_id]
+        self._detach(lambda rule, _address: power(self._domains.get(
+            self._rule_key(rule), (None, DomainEntry("", "", "undefined")))[1].state) == OFF)
+
+    # Publishing waits for the broker: a connection publishes the whole model anyway.
 
     def _queue(self, item: Item) -> None:
         if not self._online:
-            return  # a connection publishes everything first
+            return
+        if item[0] == "resync":
+            if self._resync_queued:
+                return  # one is coming: it publishes what this one would
+            self._resync_queued = True
         try:
             self._backlog.put_nowait(item)
         except asyncio.QueueFull:
             # The broker is too slow for the events: what is queued is stale, start afresh.
             while not self._backlog.empty():
                 self._backlog.get_nowait()
+            self._resync_queued = True
             self._backlog.put_nowait(("resync", None))
+
+    def _birth(self) -> None:
+        """Home Assistant (re)started: publish everything once, shortly."""
+        log.debug("MQTT: Home Assistant is online")
+        if self._birth_timer is None:
+            self._birth_timer = asyncio.get_running_loop().call_later(RESYNC_DELAY_S,
+                                                                      self._birth_due)
+
+    def _birth_due(self) -> None:
+        self._birth_timer = None
+        self._queue(("resync", None))
 
     # The connection.
 
     def _new_client(self) -> aiomqtt.Client:
         settings = self.settings
+        tls = None
+        if settings.tls:
+            ca_file = str(settings.ca_file) if settings.ca_file else None
+            tls = ssl.create_default_context(cafile=ca_file)
         return aiomqtt.Client(
             settings.host, settings.port, username=settings.username,
             password=settings.password,
             identifier=f"webvirt-{secrets.token_hex(4)}",
             will=aiomqtt.Will(self.layout.status, OFFLINE, qos=1, retain=True),
-            tls_context=ssl.create_default_context() if settings.tls else None,
+            tls_context=tls, logger=client_log,
             keepalive=30, timeout=10, max_queued_incoming_messages=BACKLOG)
 
     async def _run(self) -> None:
@@ -157,12 +376,10 @@ class MqttBridge:
                     self._client = client
                     log.info("MQTT: connected to %s (topics under %s/)", where,
                              self.settings.prefix)
-                    attempt = 0
+                    attempt, self._last_error = 0, None
                     await self._serve(client)
             except aiomqtt.MqttError as err:
-                # The first failure is worth a warning; the retries that follow are not.
-                (log.warning if attempt == 0 else log.debug)(
-                    "MQTT: broker %s unavailable (%s); reconnecting", where, err)
+                self._report(where, err)
             except Exception:  # a bug must not end the bridge for good
                 log.exception("MQTT bridge failed; reconnecting")
             finally:
@@ -172,12 +389,31 @@ class MqttBridge:
                                                        len(RECONNECT_DELAYS_S) - 1)])
             attempt += 1
 
+    def _report(self, where: str, err: aiomqtt.MqttError) -> None:
+        """Each new reason once as a warning (a changed password must show), repeats at debug."""
+        text = str(err)
+        if text == self._last_error:
+            log.debug("MQTT: broker %s still unavailable (%s)", where, text)
+            return
+        self._last_error = text
+        rc = getattr(err, "rc", None)
+        if getattr(rc, "value", rc) in REFUSED_CREDENTIALS:
+            log.warning("MQTT: the broker %s refused webvirt's credentials (%s); check the "
+                        "user and password; retrying", where, text)
+        else:
+            log.warning("MQTT: broker %s unavailable (%s); reconnecting", where, text)
+
     async def _serve(self, client: aiomqtt.Client) -> None:
+        if not self._rules_loaded:  # from then on the store's listener keeps them
+            self._rules = {rule.id: rule for rule in await self.rules.list()}
+            self._rules_loaded = True
+        self._inventory.merge(await self._read_inventory(client))
         await client.subscribe(self.layout.commands, qos=1)
         await client.subscribe(self.layout.home_assistant_status, qos=1)
         while not self._backlog.empty():
             self._backlog.get_nowait()
-        self._online = True  # from here on, events queue up behind the full publish
+        self._resync_queued = False
+        self._online = True  # from here on, changes queue up behind the full publish
         await self._publish_all(client)
         tasks = [asyncio.create_task(self._drain(client)),
                  asyncio.create_task(self._read(client))]
@@ -192,38 +428,87 @@ class MqttBridge:
             task.result()  # its error; a clean end of the messages is a lost connection
         raise aiomqtt.MqttError("the connection ended")
 
-    # Publishing: one task, in the order of the events.
+    async def _read_inventory(self, client: aiomqtt.Client) -> Inventory:
+        """The retained PREFIX/inventory, if any. The broker sends a subscription's retained
+        message before anything published later: once a marker sent to a private topic comes
+        back, the inventory came or there is none."""
+        echo = self.layout.echo(secrets.token_hex(8))
+        found = Inventory()
+        await client.subscribe(self.layout.inventory, qos=1)
+        await client.subscribe(echo, qos=1)
+        await client.publish(echo, b"marker", qos=1)
+        try:
+            async with asyncio.timeout(INVENTORY_WAIT_S):
+                async for message in client.messages:
+                    if message.topic.value == self.layout.inventory:
+                        found = Inventory.load(message.payload)
+                    elif message.topic.value == echo:
+                        break
+        except TimeoutError:
+            log.warning("MQTT: no echo from the broker in %g s: what webvirt published before "
+                        "and is gone is not removed this time", INVENTORY_WAIT_S)
+        await client.unsubscribe(self.layout.inventory)
+        await client.unsubscribe(echo)
+        return found
+
+    # Publishing: one task, in the order of the changes.
 
     async def _drain(self, client: aiomqtt.Client) -> None:
         while True:
             kind, value = await self._backlog.get()
             try:
-                if kind == "event":
-                    await self._apply_event(client, value)
-                elif kind == "rule":
-                    await self._apply_rule_change(client, *value)
-                else:
-                    await self._publish_all(client)
+                await self._publish_item(client, kind, value)
             except aiomqtt.MqttError:
                 raise
-            except Exception:  # a bug on one event must not stop the others
+            except Exception:  # a bug on one change must not stop the others
                 log.exception("MQTT: publishing %s failed", kind)
+
+    async def _publish_item(self, client: aiomqtt.Client, kind: str, value: Any) -> None:
+        if kind == "domain":
+            await self._publish_domain(client, *value)
+        elif kind == "remove":
+            await self._remove_domain(client, value)
+        elif kind == "rule":
+            await self._publish_rule(client, value)
+        elif kind == "unrule":
+            await self._remove_rule(client, *value)
+        elif kind == "attached":
+            await self._publish_attached(client, value)
+        elif kind == "host":
+            await self._publish_host(client, value)
+        elif kind == "error":
+            ref, error = value
+            await self._publish(client, self.layout.error(ref), json.dumps(error),
+                                retain=False)
+        else:
+            self._resync_queued = False
+            await self._publish_all(client)
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: str | bytes,
                        retain: bool = True) -> None:
         await client.publish(topic, payload, qos=1, retain=retain)
 
+    async def _record(self, client: aiomqtt.Client,
+                      change: Callable[[Inventory], object]) -> None:
+        """Changes the inventory, retained: before a config is published, after one is
+        removed (so that it always lists every config there is)."""
+        before = self._inventory.payload()
+        change(self._inventory)
+        if self._inventory.payload() != before:
+            await self._publish(client, self.layout.inventory, self._inventory.payload())
+
     async def _publish_all(self, client: aiomqtt.Client) -> None:
-        """Discovery and every state, from the hosts' caches and the rule store."""
-        self._rules = {rule.id: rule for rule in await self.rules.list()}
-        current = {self.key(host, entry.uuid): (host, entry)
-                   for host in self.hosts for entry in host.cache}
-        for key, (host, _entry) in list(self._domains.items()):
-            # A host that is away keeps its domains: they are unavailable, not gone.
-            if key not in current and host.connected:
+        """Discovery and every state from the model; the configs of what is gone, removed."""
+        self._refresh_domains()
+        for key, host_name in list(self._inventory.domains.items()):
+            host = self.hosts.by_name.get(host_name)
+            if key not in self._domains and (host is None or host.connected):
                 await self._remove_domain(client, key)
-        for key, (host, entry) in current.items():
-            await self._publish_domain(client, key, host, entry, configs=True)
+        current = {(self._rule_key(rule), rule.id) for rule in self._rules.values()}
+        for key, rule_id in sorted(self._inventory.rules - current):
+            await self._remove_rule(client, key, rule_id)
+        for key in list(self._domains):
+            await self._publish_domain(client, key, configs=True)
         for host in self.hosts:
             await self._publish_host(client, host)
         await self._publish(client, self.layout.status, ONLINE)
@@ -232,135 +517,102 @@ class MqttBridge:
         await self._publish(client, self.layout.host_status(host.name),
                             ONLINE if host.connected else OFFLINE)
 
-    async def _publish_domain(self, client: aiomqtt.Client, key: str, host: Host,
-                              entry: DomainEntry, configs: bool) -> None:
-        self._domains[key] = (host, entry)
+    async def _publish_domain(self, client: aiomqtt.Client, key: str, configs: bool) -> None:
+        known = self._domains.get(key)
+        if known is None:
+            return  # gone since
+        host, entry = known
         if configs:
+            await self._record(client, lambda inventory: inventory.domains.update(
+                {key: host.name}))
             for topic, payload in self.layout.domain_configs(key, entry.name,
                                                              host.name).items():
                 await self._publish(client, topic, json.dumps(payload))
             for rule in self._rules_of(key):
-                await self._publish_rule(client, rule, key)
+                await self._publish_rule(client, rule.id)
         await self._publish(client, self.layout.state(key), state_text(entry.state))
         await self._publish(client, self.layout.power(key), power(entry.state))
 
     async def _remove_domain(self, client: aiomqtt.Client, key: str) -> None:
         """An empty retained payload removes a config (and a retained state) from the broker,
         and the entity from Home Assistant."""
-        self._domains.pop(key, None)
+        if key in self._domains:
+            return  # defined again since
+        rules = {(k, rule_id) for k, rule_id in self._inventory.rules if k == key}
+        rules |= {(key, rule.id) for rule in self._rules_of(key)}
         topics = [*self.layout.domain_config_topics(key), self.layout.state(key),
                   self.layout.power(key)]
-        for rule in self._rules_of(key):
-            self._attached.pop(rule.id, None)
-            topics += [self.layout.rule_config_topic(key, rule.id),
-                       self.layout.attached(key, rule.id)]
+        for _key, rule_id in sorted(rules):
+            topics += [self.layout.rule_config_topic(key, rule_id),
+                       self.layout.attached(key, rule_id)]
         for topic in topics:
             await self._publish(client, topic, b"")
+        await self._record(client, lambda inventory: inventory.forget(key, rules))
 
-    def _rules_of(self, key: str) -> list[Rule]:
-        return [rule for rule in self._rules.values() if self._rule_key(rule) == key]
-
-    async def _publish_rule(self, client: aiomqtt.Client, rule: Rule, key: str) -> None:
+    async def _publish_rule(self, client: aiomqtt.Client, rule_id: int) -> None:
+        rule = self._rules.get(rule_id)
+        known = self._domains.get(self._rule_key(rule)) if rule else None
+        if rule is None or known is None:
+            return  # deleted since, or its domain has no device
+        key, (host, entry) = self._rule_key(rule), known
         device = ":".join(rule.match.as_dict().values())
-        host, entry = self._domains[key]
         config = self.layout.rule_config(key, entry.name, host.name, rule.id, device)
+        await self._record(client, lambda inventory: inventory.rules.add((key, rule_id)))
         await self._publish(client, self.layout.rule_config_topic(key, rule.id),
                             json.dumps(config))
-        await self._publish_attached(client, rule)
+        await self._publish_attached(client, rule_id)
 
-    async def _publish_attached(self, client: aiomqtt.Client, rule: Rule) -> None:
-        await self._publish(client, self.layout.attached(self._rule_key(rule), rule.id),
-                            ON if rule.id in self._attached else OFF)
+    async def _remove_rule(self, client: aiomqtt.Client, key: str, rule_id: int) -> None:
+        rule = self._rules.get(rule_id)
+        if rule is not None and self._rule_key(rule) == key:
+            return  # there again since
+        for topic in (self.layout.rule_config_topic(key, rule_id),
+                      self.layout.attached(key, rule_id)):
+            await self._publish(client, topic, b"")
+        await self._record(client, lambda inventory: inventory.rules.discard((key, rule_id)))
 
-    async def _apply_event(self, client: aiomqtt.Client, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        host = self._host_of(event)
-        if host is None:
+    async def _publish_attached(self, client: aiomqtt.Client, rule_id: int) -> None:
+        rule = self._rules.get(rule_id)
+        if rule is None or self._rule_key(rule) not in self._domains:
             return
-        if kind in ("lifecycle", "state"):
-            key, state = self.key(host, event["uuid"]), event["state"]
-            if state == "undefined":
-                if key in self._domains:
-                    await self._remove_domain(client, key)
-                return
-            known = self._domains.get(key)
-            entry = DomainEntry(event["uuid"], event["domain"], state)
-            await self._publish_domain(client, key, host, entry,
-                                       configs=known is None or known[1].name != entry.name)
-            if power(state) == OFF:  # a stopped domain holds no device
-                await self._detached(client, lambda rule, _address: self._rule_key(rule) == key)
-        elif kind == "connection":
-            # Its domains are unavailable while it is away; back, everything is told again.
-            await self._publish_host(client, host)
-            if event.get("state") == "restored":
-                await self._publish_all(client)
-        elif kind == "rule" and event.get("action") == "attach":
-            rule = self._rules.get(event["rule"])
-            if rule is None:
-                return
-            if event.get("result") == "ok":
-                self._attached[rule.id] = event["address"]
-            else:
-                self._attached.pop(rule.id, None)
-            await self._publish_attached(client, rule)
-        elif kind in ("rule", "detach"):  # taken by an older rule, or unplugged
-            key = self.key(host, str(event.get("uuid")))
-            await self._detached(client, lambda rule, address: (
-                self._rule_key(rule) == key and address == event.get("address")))
-        elif kind == "node-device-removed":
-            await self._detached(client, lambda rule, address: (
-                address == event.get("address") and self._rule_host(rule) is host))
-
-    def _rule_host(self, rule: Rule) -> Host:
-        return self.hosts.by_name.get(split_ref(rule.domain)[1] or "", self.hosts.default)
-
-    async def _detached(self, client: aiomqtt.Client,
-                        which: Callable[[Rule, str], bool]) -> None:
-        for rule_id, address in list(self._attached.items()):
-            rule = self._rules.get(rule_id)
-            if rule is not None and which(rule, address):
-                del self._attached[rule_id]
-                await self._publish_attached(client, rule)
-
-    async def _apply_rule_change(self, client: aiomqtt.Client, change: Change,
-                                 rule: Rule) -> None:
-        old = self._rules.pop(rule.id, None)
-        if old is not None and (change == "deleted"
-                                or self._rule_key(old) != self._rule_key(rule)):
-            self._attached.pop(rule.id, None)
-            for topic in (self.layout.rule_config_topic(self._rule_key(old), old.id),
-                          self.layout.attached(self._rule_key(old), old.id)):
-                await self._publish(client, topic, b"")
-        if change == "deleted":
-            return
-        self._rules[rule.id] = rule
-        key = self._rule_key(rule)
-        if key in self._domains:
-            await self._publish_rule(client, rule, key)
+        await self._publish(client, self.layout.attached(self._rule_key(rule), rule_id),
+                            ON if self._attached.get(rule_id) else OFF)
 
     # Commands.
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             topic = message.topic.value
+            if topic == self.layout.status:
+                continue  # webvirt's own, never Home Assistant's birth (however configured)
             if topic == self.layout.home_assistant_status:
                 if message.payload == ONLINE.encode():  # Home Assistant (re)started
-                    self._queue(("resync", None))
+                    self._birth()
                 continue
             ref = self.layout.command_ref(topic)
             if ref is None:
                 continue
             if message.retain:
                 # A retained command would be obeyed again at every reconnect.
-                log.warning("MQTT: ignored a retained command on %s", topic)
+                command_log.warning("MQTT: ignored a retained command on %s", topic)
                 continue
             if len(self._commands) >= MAX_COMMANDS:
-                log.warning("MQTT: %d commands in progress; dropped one on %s", MAX_COMMANDS,
-                            topic)
+                self._drop(ref, topic)
                 continue
             task = asyncio.create_task(self._command(client, ref, message.payload))
             self._commands.add(task)
             task.add_done_callback(self._commands.discard)
+
+    def _drop(self, ref: str, topic: str) -> None:
+        """A command beyond MAX_COMMANDS: logged and told on the error topic, both throttled
+        (a flood must not become a flood of lines and messages)."""
+        command_log.warning("MQTT: %d commands in progress; dropped one on %s", MAX_COMMANDS,
+                            topic)
+        if self._dropped.take() is not None:
+            self._queue(("error", (ref, {
+                "action": None, "error": "too_many_commands", "status": 503,
+                "message": f"{MAX_COMMANDS} commands in progress: this one was dropped (and "
+                           "others within a second, told once)"})))
 
     async def _command(self, client: aiomqtt.Client, ref: str, payload: Any) -> None:
         command = COMMANDS.get(decode(payload) or "")
@@ -377,7 +629,8 @@ class MqttBridge:
         except ApiError as err:
             error = {"action": action, "error": err.code, "status": err.status,
                      "message": err.detail}
-            log.warning("MQTT command %s on %s failed: %s", action or "?", ref, err.detail)
+            command_log.warning("MQTT command %s on %s failed: %s", action or "?", ref,
+                                err.detail)
         except Exception:  # a bug must not go unreported, nor end the bridge
             log.exception("MQTT command %s on %s failed", action or "?", ref)
             error = {"action": action, "error": "internal_error", "status": 500,

@@ -11,6 +11,10 @@ spaces, unicode), and a UUID survives a rename.
     PREFIX/host/HOST/status              online while webvirt is connected to that libvirt host
                                          (retained); a domain is available in Home Assistant
                                          while both its host's status and PREFIX/status are
+    PREFIX/inventory                     what this webvirt has configs for (retained JSON:
+                                         {"domains": {KEY: HOST}, "rules": [[KEY, ID]]}), to
+                                         remove at the next connect what is gone meanwhile
+    PREFIX/echo/TOKEN                    private: a marker the bridge sends itself at connect
     PREFIX/UUID/state                    the state as GET /api/0/state says it, e.g. "shut off"
     PREFIX/UUID/power                    ON while the domain is active, else OFF (retained)
     PREFIX/UUID/set                      commands: ON (start), OFF (ACPI shutdown), FORCE_OFF,
@@ -80,6 +84,13 @@ class Layout:
     @property
     def home_assistant_status(self) -> str:
         return f"{self.discovery_prefix}/status"
+
+    @property
+    def inventory(self) -> str:
+        return f"{self.prefix}/inventory"
+
+    def echo(self, token: str) -> str:
+        return f"{self.prefix}/echo/{token}"
 
     def host_status(self, host: str) -> str:
         return f"{self.prefix}/host/{host}/status"
