@@ -27,9 +27,7 @@ import json
 import logging
 import secrets
 import ssl
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
@@ -42,7 +40,17 @@ from webvirt.errors import ApiError
 from webvirt.host import Host
 from webvirt.hosts import Hosts, split_ref
 from webvirt.hub import EventHub
-from webvirt.mqtt_discovery import OFF, OFFLINE, ON, ONLINE, Layout, power, state_text
+from webvirt.log_throttle import Throttle, Throttled
+from webvirt.mqtt_discovery import (
+    OFF,
+    OFFLINE,
+    ON,
+    ONLINE,
+    Inventory,
+    Layout,
+    power,
+    state_text,
+)
 from webvirt.rules import Rule
 from webvirt.rules_store import Change, RuleStore
 
@@ -81,80 +89,8 @@ WANTED = frozenset({"lifecycle", "state", "connection", "rule", "detach",
 Item = tuple[str, Any]
 
 
-class Throttle:
-    """At most one go per `every_s` seconds, counting the ones held back meanwhile."""
-
-    __slots__ = ("every_s", "held", "next_at")
-
-    def __init__(self, every_s: float):
-        self.every_s = every_s
-        self.held = 0
-        self.next_at = 0.0
-
-    def take(self) -> int | None:
-        """None: hold this one back; else how many were held back since the last go."""
-        now = time.monotonic()
-        if now < self.next_at:
-            self.held += 1
-            return None
-        held, self.held, self.next_at = self.held, 0, now + self.every_s
-        return held
-
-
-class Throttled(logging.Filter):
-    """One warning per message template per `every_s` seconds, saying how many were held."""
-
-    def __init__(self, every_s: float):
-        super().__init__()
-        self.every_s = every_s
-        self._throttles: dict[str, Throttle] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING:
-            return True
-        held = self._throttles.setdefault(str(record.msg), Throttle(self.every_s)).take()
-        if held is None:
-            return False
-        if held:
-            record.msg = (f"{record.getMessage()} (and {held} more like it in the last "
-                          f"{self.every_s:g} s)")
-            record.args = ()
-        return True
-
-
 command_log.addFilter(Throttled(LOG_EVERY_S))
 client_log.addFilter(Throttled(LOG_EVERY_S))
-
-
-@dataclass
-class Inventory:
-    """What the broker holds configs of, from this webvirt: domain key -> host name, and
-    (domain key, rule id) of the rules' binary sensors. Retained on PREFIX/inventory."""
-
-    domains: dict[str, str] = field(default_factory=dict)
-    rules: set[tuple[str, int]] = field(default_factory=set)
-
-    def payload(self) -> str:
-        return json.dumps({"domains": dict(sorted(self.domains.items())),
-                           "rules": sorted(self.rules)})
-
-    @classmethod
-    def load(cls, payload: Any) -> Inventory:
-        """Whatever was retained; nothing when it is not an inventory."""
-        try:
-            data = json.loads(bytes(payload))
-            return cls({str(k): str(v) for k, v in data["domains"].items()},
-                       {(str(key), int(rule)) for key, rule in data["rules"]})
-        except (TypeError, ValueError, KeyError, AttributeError):
-            return cls()
-
-    def forget(self, key: str, rules: set[tuple[str, int]]) -> None:
-        self.domains.pop(key, None)
-        self.rules -= rules
-
-    def merge(self, other: Inventory) -> None:
-        self.domains = {**other.domains, **self.domains}
-        self.rules |= other.rules
 
 
 class MqttBridge:

@@ -1,5 +1,5 @@
-"""What Home Assistant sees of webvirt over MQTT: the topic layout and the discovery payloads.
-Pure: no I/O (webvirt/mqtt_bridge.py publishes them).
+"""What Home Assistant sees of webvirt over MQTT: the topic layout, the discovery payloads and
+the inventory of what was published. Pure: no I/O (webvirt/mqtt_bridge.py publishes them).
 
 PREFIX is --mqtt-prefix (default webvirt), DISCOVERY is --mqtt-discovery-prefix (default
 homeassistant), UUID a domain's UUID; with several libvirt hosts (--connect), HOST-UUID instead
@@ -33,8 +33,9 @@ One Home Assistant device per domain, with a switch (power), a sensor (state), t
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from webvirt import __version__
@@ -174,3 +175,34 @@ class Layout:
                        "sw_version": f"webvirt {__version__}"},
             "origin": {"name": "webvirt", "sw_version": __version__},
         }
+
+
+@dataclass
+class Inventory:
+    """What the broker holds configs of, from this webvirt: domain key -> host name, and
+    (domain key, rule id) of the rules' binary sensors. Retained on PREFIX/inventory."""
+
+    domains: dict[str, str] = field(default_factory=dict)
+    rules: set[tuple[str, int]] = field(default_factory=set)
+
+    def payload(self) -> str:
+        return json.dumps({"domains": dict(sorted(self.domains.items())),
+                           "rules": sorted(self.rules)})
+
+    @classmethod
+    def load(cls, payload: Any) -> Inventory:
+        """Whatever was retained; nothing when it is not an inventory."""
+        try:
+            data = json.loads(bytes(payload))
+            return cls({str(k): str(v) for k, v in data["domains"].items()},
+                       {(str(key), int(rule)) for key, rule in data["rules"]})
+        except (TypeError, ValueError, KeyError, AttributeError):
+            return cls()
+
+    def forget(self, key: str, rules: set[tuple[str, int]]) -> None:
+        self.domains.pop(key, None)
+        self.rules -= rules
+
+    def merge(self, other: Inventory) -> None:
+        self.domains = {**other.domains, **self.domains}
+        self.rules |= other.rules
