@@ -138,7 +138,9 @@ def libvirt_daemon() -> Iterator[LibvirtDaemon]:
 @pytest.fixture
 def qemu_conn(libvirt_daemon: LibvirtDaemon) -> Iterator[libvirt.virConnect]:
     """A plain libvirt connection for a test to set up and inspect guests directly."""
-    if libvirt_daemon.process is None:
+    if libvirt_daemon.process is None or libvirt_daemon.process.poll() is not None:
+        # Stopped by a test, or dead: libvirtd 9.0 itself has segfaulted (rarely) after a
+        # SIGSTOP/SIGCONT with clients gone meanwhile; the next test gets a daemon again.
         libvirt_daemon.start()
     conn = libvirt.open(libvirt_daemon.uri)
     yield conn
