@@ -49,8 +49,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def read(host: Host) -> Sample | None:
     try:
-        return await domain_stats.read_spread(host.call, host.call_each,
-                                              host.connection_count)
+        return await domain_stats.read_spread(host.call_each, host.connection_count)
     except ApiError as err:
         log.debug("scrape: libvirt at %s could not be read: %s", host.name, err.detail)
         return None
