@@ -133,9 +133,16 @@ def running(name: str, devices: str) -> str:
 
 
 BALLOON = "<memballoon model='virtio'/>"
+
+
+def disk(target: str) -> str:
+    return (f"<disk type='file' device='disk'><source file='/guest/{target}.img'/>"
+            f"<target dev='{target}' bus='virtio'/></disk>")
+
+
 MONITOR_HOST_XML = "<node>" + "".join((
-    running("disked", "<disk type='file' device='disk'><source file='/guest/d.img'/>"
-                      "<target dev='vda' bus='virtio'/></disk>" + BALLOON),
+    running("disked", disk("vda") + BALLOON),
+    running("two-disks", disk("vda") + disk("vdb") + BALLOON),
     running("ballooned", BALLOON),
     running("vfio", "<memballoon model='none'/>"),
 )) + "</node>"
@@ -169,14 +176,26 @@ async def test_the_qemu_monitor_is_asked_only_what_a_domain_has(
     (tmp_path / "host.xml").write_text(MONITOR_HOST_XML)
     client = await make_client(uri=f"test://{tmp_path / 'host.xml'}")
     asked = ask_log(monkeypatch)
+    # A single disk is one blockStats() call: one monitor command, where the block group
+    # makes two.
+    one_by_one: list[tuple[str, str]] = []
+    block_stats = libvirt.virDomain.blockStats
+
+    def noted(dom: libvirt.virDomain, path: str) -> Any:
+        one_by_one.append((dom.name(), path))
+        return block_stats(dom, path)
+
+    monkeypatch.setattr(libvirt.virDomain, "blockStats", noted)
     samples = await scrape(client)
     assert asked[0] == ("*", domain_stats.BULK_GROUPS)
-    assert sorted(asked[1:]) == [("disked", libvirt.VIR_DOMAIN_STATS_BLOCK),
+    assert sorted(asked[1:]) == [("two-disks", libvirt.VIR_DOMAIN_STATS_BLOCK),
                                  ("vfio", libvirt.VIR_DOMAIN_STATS_BALLOON)]
+    # (The test driver's block group names no disks: two-disks is read disk by disk too.)
+    assert one_by_one[0] == ("disked", "vda")
     assert list(by_device(samples, "libvirt_domain_block_stats_read_bytes_total")) == [
-        ("disked", "vda")]
+        ("disked", "vda"), ("two-disks", "vda"), ("two-disks", "vdb")]
     assert set(by_domain(samples, "libvirt_domain_info_memory_usage_bytes")) == {
-        "disked", "ballooned", "vfio"}
+        "disked", "two-disks", "ballooned", "vfio"}
 
     # /api/0/domains needs none of it.
     asked.clear()

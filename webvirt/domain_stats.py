@@ -21,6 +21,7 @@ never the whole answer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import xml.etree.ElementTree as ET
@@ -209,15 +210,28 @@ def _survey(records: Records, *, devices: bool,
 
 
 def ask_monitor(conn: libvirt.virConnect, asks: list[Ask]) -> Answers:
-    """The monitor-bound groups of the asked domains: one call per set of groups."""
+    """The monitor-bound groups of the asked domains: one call per set of groups. The block
+    stats of a domain with a single disk are one blockStats() call: libvirt's block group
+    adds a second monitor command (capacity, allocation) that nothing here reports."""
     answers = Answers()
+    grouped = []
+    for ask in asks:
+        if ask.groups & libvirt.VIR_DOMAIN_STATS_BLOCK and _one_disk(ask.devices):
+            try:
+                answers.disks[ask.uuid] = _read_disks(_on(conn, ask), ask.devices)
+            except libvirt.libvirtError as err:
+                _failed(ask, err, answers)
+                continue
+            ask = dataclasses.replace(ask, groups=ask.groups & ~libvirt.VIR_DOMAIN_STATS_BLOCK)
+        if ask.groups:
+            grouped.append(ask)
+    asks = grouped
     for groups in sorted({ask.groups for ask in asks}):
         wanted = {ask.uuid: ask for ask in asks if ask.groups == groups}
         doms = []
         for ask in wanted.values():
-            try:  # another connection's handle is looked up on this one
-                doms.append(ask.dom if ask.dom.connect() is conn
-                            else conn.lookupByUUIDString(ask.uuid))
+            try:
+                doms.append(_on(conn, ask))
             except libvirt.libvirtError as err:
                 _failed(ask, err, answers)
         for dom, stats in _of(conn, doms, groups):
@@ -228,6 +242,18 @@ def ask_monitor(conn: libvirt.virConnect, asks: list[Ask]) -> Answers:
                 _failed(ask, err, answers)
     answers.ended = time.monotonic()
     return answers
+
+
+def _on(conn: libvirt.virConnect, ask: Ask) -> libvirt.virDomain:
+    """The asked domain on this connection (another connection's handle is looked up)."""
+    return ask.dom if ask.dom.connect() is conn else conn.lookupByUUIDString(ask.uuid)
+
+
+def _one_disk(devices: ET.Element) -> bool:
+    """A single block device, and a disk (a CD-ROM, as libvirt's block group reports it,
+    may have no medium)."""
+    disks = devices.findall("disk")
+    return len(disks) == 1 and disks[0].get("device", "disk") == "disk"
 
 
 def _answer(dom: libvirt.virDomain, ask: Ask, stats: dict[str, Any], answers: Answers) -> None:
@@ -332,7 +358,8 @@ def _devices(stats: dict[str, Any], prefix: str, fields: tuple[str, ...]) -> lis
 
 
 def _read_disks(dom: libvirt.virDomain, devices: ET.Element) -> list[Device]:
-    """For a driver whose stats name no disks: each disk of the live XML."""
+    """Each disk of the live XML: for a driver whose stats name no disks, and for a domain
+    with a single disk."""
     disks = []
     for target in devices.iterfind("disk[@device='disk']/target"):
         name = target.get("dev")
