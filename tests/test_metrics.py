@@ -187,7 +187,7 @@ async def test_the_qemu_monitor_is_asked_only_what_a_domain_has(
 
     monkeypatch.setattr(libvirt.virDomain, "blockStats", noted)
     samples = await scrape(client)
-    assert asked[0] == ("*", domain_stats.BULK_GROUPS)
+    assert asked[0] == ("ballooned,disked,two-disks,vfio", domain_stats.BULK_GROUPS)
     assert sorted(asked[1:]) == [("two-disks", libvirt.VIR_DOMAIN_STATS_BLOCK),
                                  ("vfio", libvirt.VIR_DOMAIN_STATS_BALLOON)]
     # (The test driver's block group names no disks: two-disks is read disk by disk too.)
@@ -201,6 +201,67 @@ async def test_the_qemu_monitor_is_asked_only_what_a_domain_has(
     asked.clear()
     assert (await client.get("/api/0/domains")).status == 200
     assert asked == [("*", domain_stats.BULK_GROUPS)]
+
+
+@pytest.mark.parametrize("trouble", ["busy", "unreadable"])
+async def test_a_single_disk_libvirt_cannot_read_at_once_is_left_to_the_block_group(
+        make_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        trouble: str) -> None:
+    """blockStats() would wait out a job the domain is busy with (libvirt's 30 s job timeout,
+    then the connection goes): a busy domain is asked with the group, NOWAIT. A disk
+    blockStats() cannot read (vhost-user) is the group's too, and the domain stays."""
+    (tmp_path / "host.xml").write_text(MONITOR_HOST_XML)
+    client = await make_client(uri=f"test://{tmp_path / 'host.xml'}")
+    asked = ask_log(monkeypatch)
+    if trouble == "busy":
+        control_info = libvirt.virDomain.controlInfo
+
+        def occupied(dom: libvirt.virDomain, flags: int = 0) -> list[int]:
+            if dom.name() == "disked":
+                return [libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, 0, 1000]
+            return list(control_info(dom, flags))
+
+        monkeypatch.setattr(libvirt.virDomain, "controlInfo", occupied)
+    else:
+        block_stats = libvirt.virDomain.blockStats
+        refused: list[str] = []
+
+        def unreadable(dom: libvirt.virDomain, path: str) -> Any:
+            # Once: the test driver's group names no disks, and reads them one by one too.
+            if dom.name() == "disked" and not refused:
+                refused.append(path)
+                raise FakeError()
+            return block_stats(dom, path)
+
+        monkeypatch.setattr(libvirt.virDomain, "blockStats", unreadable)
+    samples = await scrape(client)
+    assert ("disked,two-disks", libvirt.VIR_DOMAIN_STATS_BLOCK) in asked
+    assert ("disked", "vda") in by_device(samples, "libvirt_domain_block_stats_read_bytes_total")
+    assert "disked" in by_domain(samples, "libvirt_domain_info_memory_usage_bytes")
+
+
+def test_each_domain_is_read_by_one_share_whatever_each_listing_holds() -> None:
+    """Each connection lists the domains for itself: a domain defined between two listings
+    must not move the others to another share (read twice, or by none)."""
+    first, second = libvirt.open("test:///default"), libvirt.open("test:///default")
+    defined = [first.defineXML(running(f"share{i}", "").replace(
+        "</name>", f"</name><uuid>{i + 1:08x}-0000-4000-8000-000000000000</uuid>"))
+        for i in range(6)]
+    try:
+        before = {d.name() for d in first.listAllDomains()}
+        part = domain_stats.read_share(first, 0, 2)
+        # Sorts before every other UUID: by position, it would shift them all.
+        defined.append(second.defineXML(running("newcomer", "").replace(
+            "</name>", "</name><uuid>00000000-0000-4000-8000-000000000000</uuid>")))
+        other = domain_stats.read_share(second, 1, 2)
+        names = [d.name for d in part.domains + other.domains]
+        assert sorted(n for n in names if n in before) == sorted(before)
+        assert len(names) == len(set(names))
+    finally:
+        for dom in defined:
+            dom.undefine()
+        first.close()
+        second.close()
 
 
 class FakeError(libvirt.libvirtError):

@@ -101,8 +101,10 @@ async def test_a_scrape_shares_the_monitor_round_trips_among_connections(
     """libvirt asks each QEMU in turn: the block stats of many guests are read over the host's
     three connections at once (bench/usage.py: 50 guests)."""
     names = [f"disk{i}" for i in range(3)]
-    for name in names:
-        qemu_conn.defineXML(spinning_guest(libvirt_daemon, name)).create()
+    for i, name in enumerate(names):  # UUIDs that fall to the three shares
+        xml = spinning_guest(libvirt_daemon, name).replace(
+            "</name>", f"</name><uuid>{i:08x}-0000-4000-8000-000000000000</uuid>", 1)
+        qemu_conn.defineXML(xml).create()
         qemu_conn.lookupByName(name).suspend()  # active, with a disk, not spinning
     threads: list[str] = []
     original = libvirt.virConnect.domainListGetStats

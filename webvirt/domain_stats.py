@@ -113,29 +113,32 @@ def read(conn: libvirt.virConnect, flags: int = 0, *, devices: bool = True,
 
 async def read_spread(call_each: EachCaller, connections: int, flags: int = 0) -> Sample:
     """As read(), shared among `connections` connections (each a thread of its own:
-    CVE-2024-4418), side by side: each lists the domains in one bulk call and reads every
-    `connections`-th of them, info, XML and monitor. libvirt asks each QEMU in turn, so 50
-    running guests with a disk take about half the time over three (bench/usage.py)."""
-    started = time.monotonic()
-    sample = Sample([], [], started, started)
-    seen: set[str] = set()
-    for part in await call_each([partial(read_share, share=i, shares=connections, flags=flags)
-                                 for i in range(connections)]):
-        # The listings agree but for a domain defined or undefined in between: that one is
-        # read once, or not in this read.
-        sample.domains += [d for d in part.domains if d.uuid not in seen]
-        seen.update(d.uuid for d in part.domains)
+    CVE-2024-4418), side by side: each lists the domains and reads those whose UUID falls to
+    its share, info, XML and monitor. libvirt asks each QEMU in turn, so 50 running guests
+    with a disk take about half the time over three (bench/usage.py). `flags`:
+    listAllDomains' (e.g. VIR_CONNECT_LIST_DOMAINS_ACTIVE)."""
+    parts = await call_each([partial(read_share, share=i, shares=connections, flags=flags)
+                             for i in range(connections)])
+    sample = Sample([], [], min(p.started for p in parts), max(p.ended for p in parts))
+    for part in parts:
+        # Disjoint by UUID, whatever each listing held: a domain defined or undefined
+        # between the listings is read by its share or not at all, never twice.
+        sample.domains += part.domains
         sample.failed += part.failed
-        sample.ended = max(sample.ended, part.ended)
     sample.domains.sort(key=lambda d: d.name)
     return sample
 
 
+def share_of(uuid: str, shares: int) -> int:
+    return int(uuid[:8], 16) % shares
+
+
 def read_share(conn: libvirt.virConnect, share: int, shares: int, flags: int = 0) -> Sample:
-    """read()'s work for one share of the domains (by UUID order), on this connection."""
+    """read()'s work for the domains whose UUID falls to `share`, on this connection."""
     started = time.monotonic()
-    listed = sorted(_bulk(conn, BULK_GROUPS, flags), key=lambda record: record[0].UUIDString())
-    sample, asks = _survey(listed[share::shares], devices=True, guest_memory=False)
+    mine = [dom for dom in conn.listAllDomains(flags)
+            if share_of(dom.UUIDString(), shares) == share]
+    sample, asks = _survey(_of(conn, mine, BULK_GROUPS), devices=True, guest_memory=False)
     complete(sample, ask_monitor(conn, asks))
     sample.started = started
     return sample
@@ -210,31 +213,24 @@ def _survey(records: Records, *, devices: bool,
 
 
 def ask_monitor(conn: libvirt.virConnect, asks: list[Ask]) -> Answers:
-    """The monitor-bound groups of the asked domains: one call per set of groups. The block
-    stats of a domain with a single disk are one blockStats() call: libvirt's block group
-    adds a second monitor command (capacity, allocation) that nothing here reports."""
+    """The monitor-bound groups of the asked domains (on this connection): one call per set
+    of groups. The block stats of a domain with a single disk are one blockStats() call:
+    libvirt's block group adds a second monitor command (capacity, allocation) that nothing
+    here reports."""
     answers = Answers()
     grouped = []
     for ask in asks:
         if ask.groups & libvirt.VIR_DOMAIN_STATS_BLOCK and _one_disk(ask.devices):
-            try:
-                answers.disks[ask.uuid] = _read_disks(_on(conn, ask), ask.devices)
-            except libvirt.libvirtError as err:
-                _failed(ask, err, answers)
-                continue
-            ask = dataclasses.replace(ask, groups=ask.groups & ~libvirt.VIR_DOMAIN_STATS_BLOCK)
+            disks = _single_disk(ask)
+            if disks is not None:
+                answers.disks[ask.uuid] = disks
+                ask = dataclasses.replace(
+                    ask, groups=ask.groups & ~libvirt.VIR_DOMAIN_STATS_BLOCK)
         if ask.groups:
             grouped.append(ask)
-    asks = grouped
-    for groups in sorted({ask.groups for ask in asks}):
-        wanted = {ask.uuid: ask for ask in asks if ask.groups == groups}
-        doms = []
-        for ask in wanted.values():
-            try:
-                doms.append(_on(conn, ask))
-            except libvirt.libvirtError as err:
-                _failed(ask, err, answers)
-        for dom, stats in _of(conn, doms, groups):
+    for groups in sorted({ask.groups for ask in grouped}):
+        wanted = {ask.uuid: ask for ask in grouped if ask.groups == groups}
+        for dom, stats in _of(conn, [ask.dom for ask in wanted.values()], groups):
             ask = wanted[dom.UUIDString()]
             try:
                 _answer(dom, ask, stats, answers)
@@ -244,16 +240,26 @@ def ask_monitor(conn: libvirt.virConnect, asks: list[Ask]) -> Answers:
     return answers
 
 
-def _on(conn: libvirt.virConnect, ask: Ask) -> libvirt.virDomain:
-    """The asked domain on this connection (another connection's handle is looked up)."""
-    return ask.dom if ask.dom.connect() is conn else conn.lookupByUUIDString(ask.uuid)
-
-
 def _one_disk(devices: ET.Element) -> bool:
-    """A single block device, and a disk (a CD-ROM, as libvirt's block group reports it,
-    may have no medium)."""
+    """A single block device, and a disk: what _read_disks reads as the block group would
+    (it leaves out CD-ROMs and the like)."""
     disks = devices.findall("disk")
     return len(disks) == 1 and disks[0].get("device", "disk") == "disk"
+
+
+def _single_disk(ask: Ask) -> list[Device] | None:
+    """The counters of a domain's single disk, by blockStats(), or None for the block group
+    to read: blockStats() waits for a job the domain is busy with (up to libvirt's 30 s job
+    timeout), where the group, asked NOWAIT, skips it; and a disk QEMU keeps no block
+    statistics for (vhost-user) fails it, where the group names the disk without counters."""
+    try:
+        if ask.dom.controlInfo()[0] != libvirt.VIR_DOMAIN_CONTROL_OK:
+            return None
+        return _read_disks(ask.dom, ask.devices)
+    except libvirt.libvirtError as err:
+        if is_connection_error(err):
+            raise
+        return None
 
 
 def _answer(dom: libvirt.virDomain, ask: Ask, stats: dict[str, Any], answers: Answers) -> None:
@@ -365,8 +371,10 @@ def _read_disks(dom: libvirt.virDomain, devices: ET.Element) -> list[Device]:
         name = target.get("dev")
         if name:
             rd_reqs, rd_bytes, wr_reqs, wr_bytes, _errs = dom.blockStats(name)
-            disks.append(Device(name, {"rd.bytes": rd_bytes, "rd.reqs": rd_reqs,
-                                       "wr.bytes": wr_bytes, "wr.reqs": wr_reqs}))
+            counters = {"rd.bytes": rd_bytes, "rd.reqs": rd_reqs, "wr.bytes": wr_bytes,
+                        "wr.reqs": wr_reqs}
+            # -1: not reported by the driver (the group leaves such a field out)
+            disks.append(Device(name, {k: v for k, v in counters.items() if v >= 0}))
     return disks
 
 
