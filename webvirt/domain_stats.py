@@ -10,7 +10,8 @@ a domain, and the live XML as little. So a read is one bulk call of the cheap gr
 interfaces), info() and the XML of each domain, and the monitor only where the domain has what
 it is asked about: block stats of domains with disks, balloon stats (RSS, the guest's own
 memory use) of domains without a balloon (VFIO guests: no monitor needed), or of all when the
-guest's figures are asked for. /metrics shares those round trips among the host's connections.
+guest's figures are asked for (a single disk by blockStats(), one monitor command where the
+block group makes two). /metrics shares the domains among the host's connections by UUID.
 
 Drivers report different amounts: libvirt's test driver reports only the state, so what a
 group leaves out is read per device (the stats of each disk and interface the XML names) and
