@@ -11,16 +11,19 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import DEMO_HOST_URI, ClientFactory
 from tests.processes import REPO, free_port
 from tests.waiting import next_message
-from webvirt.appkeys import EVENT_HUB
+from webvirt.appkeys import EVENT_HUB, HOSTS
+from webvirt.errors import ApiError
 from webvirt.hosts import HostError, HostSpec, host_specs, parse_connect, split_ref
 
 SEVERAL = (HostSpec("a", DEMO_HOST_URI), HostSpec("b", DEMO_HOST_URI),
@@ -306,6 +309,29 @@ async def test_metrics_are_labelled_by_host(several: TestClient) -> None:
         assert f'libvirt_up{{host="{name}"}} 1.0' in text
     assert 'libvirt_domain_info_virtual_cpus{domain="test",host="c"}' in text
     assert 'libvirt_domain_info_virtual_cpus{domain="win11",host="b"}' in text
+
+
+async def test_webvirts_libvirt_counters_are_labelled_by_host(several: TestClient) -> None:
+    """Which host's calls are slow, which host's connection keeps coming back."""
+    b = several.app[HOSTS].get("b")
+    async with several.ws_connect("/api/0/events?type=connection") as ws:
+        await next_message(ws, is_type("snapshot"))
+        with pytest.raises(ApiError):  # a stuck call on b: lost, then reconnected
+            await b.call(lambda _conn: time.sleep(0.5), seconds=0.05)
+        await next_message(ws, lambda m: m.get("state") == "restored")
+    families = {f.name: f for f in text_string_to_metric_families(
+        await (await several.get("/metrics")).text())}
+    reconnects = {s.labels["host"]: s.value for s in families["webvirt_libvirt_reconnects"].samples
+                  if s.name.endswith("_total")}
+    assert reconnects == {"a": 0.0, "b": 1.0, "c": 0.0}
+    slow = {s.labels["host"]: s.value
+            for s in families["webvirt_libvirt_call_duration_seconds"].samples
+            if s.name.endswith("_bucket") and s.labels["le"] == "0.025"}
+    count = {s.labels["host"]: s.value
+             for s in families["webvirt_libvirt_call_duration_seconds"].samples
+             if s.name.endswith("_count")}
+    assert set(count) == {"a", "b", "c"}
+    assert slow["b"] < count["b"]  # the stuck call took 50 ms, on b
 
 
 # USB rules keep their host.

@@ -151,31 +151,34 @@ class Latency:
         self.counts[bisect.bisect_left(self.buckets, seconds)] += 1
         self.sum += seconds
 
-    def family(self) -> HistogramMetricFamily:
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
         cumulative, total = [], 0
         for bound, count in zip((*map(str, self.buckets), "+Inf"), self.counts, strict=True):
             total += count
             cumulative.append((bound, total))
-        return HistogramMetricFamily(
-            "webvirt_libvirt_call_duration_seconds",
-            "Time a libvirt call took, waiting for its connection's thread included.",
-            buckets=cumulative, sum_value=self.sum)
+        family.add_metric(labels, cumulative, self.sum)
 
 
 class Metrics:
-    """webvirt's own counters, fed by the hub's events and the host's calls."""
+    """webvirt's own counters, fed by the hub's events and the hosts' calls. With several
+    hosts, those about libvirt are labelled by host, as libvirt's own metrics are."""
 
-    __slots__ = ("_hub", "calls", "events", "reconnects", "rule_actions")
+    __slots__ = ("_hub", "calls", "events", "reconnects", "rule_actions", "several")
 
     def __init__(self, hub: EventHub, hosts: Iterable[Host]):
         self._hub = hub
         self.events: collections.Counter[str] = collections.Counter()
         self.rule_actions: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.reconnects = 0
-        self.calls = Latency()
+        hosts = list(hosts)
+        self.several = len(hosts) > 1
+        # By host name with several hosts; under None with one (its events name no host).
+        names = [host.name if self.several else None for host in hosts]
+        self.reconnects: collections.Counter[str | None] = collections.Counter(
+            dict.fromkeys(names, 0))
+        self.calls = {name: Latency() for name in names}
+        for host, name in zip(hosts, names, strict=True):
+            host.call_listeners.append(self.calls[name].observe)
         hub.listen(self._count)
-        for host in hosts:
-            host.call_listeners.append(self.calls.observe)
 
     def _count(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -183,7 +186,7 @@ class Metrics:
         if kind == "rule":  # the USB rules reconciler's attach or detach, and how it went
             self.rule_actions[str(event.get("action")), str(event.get("result"))] += 1
         elif kind == "connection" and event.get("state") == "restored":
-            self.reconnects += 1
+            self.reconnects[event.get("host")] += 1
 
     def collect(self) -> Iterable[Metric]:
         yield GaugeMetricFamily("webvirt_event_clients", "Clients following the event stream.",
@@ -203,10 +206,20 @@ class Metrics:
         for (action, result), count in sorted(self.rule_actions.items()):
             rules.add_metric([action, result], count)
         yield rules
-        yield CounterMetricFamily("webvirt_libvirt_reconnects",
-                                  "Times the libvirt connection was lost and restored.",
-                                  value=self.reconnects)
-        yield self.calls.family()
+        by_host = ["host"] if self.several else []
+        reconnects = CounterMetricFamily(
+            "webvirt_libvirt_reconnects", "Times the libvirt connection was lost and restored.",
+            labels=by_host)
+        for name, count in self.reconnects.items():
+            reconnects.add_metric([name] if name else [], count)
+        yield reconnects
+        calls = HistogramMetricFamily(
+            "webvirt_libvirt_call_duration_seconds",
+            "Time a libvirt call took, waiting for its connection's thread included.",
+            labels=by_host)
+        for name, latency in self.calls.items():
+            latency.add_to(calls, [name] if name else [])
+        yield calls
 
 
 class Scrape:
