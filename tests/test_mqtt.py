@@ -749,3 +749,26 @@ async def test_refused_credentials_are_a_warning_after_a_reconnect(
         assert "Not authorized" in caplog.text
     finally:
         broker.stop()
+
+
+# 9. Cancellation
+
+async def test_a_cancel_that_comes_as_a_publish_completes_is_not_lost() -> None:
+    """aiomqtt waits for a PUBACK with asyncio.wait_for, which on Python 3.11 drops a cancel
+    that comes as the wait completes: the bridge's publishing task then went on, and a
+    shutdown or a reconnect waited for it forever (1 run in 6 of one test hung)."""
+    acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    after: list[str] = []
+
+    async def publishing() -> None:
+        await mqtt_bridge.finished(asyncio.wait_for(acked, timeout=10))  # as aiomqtt waits
+        after.append("went on")
+        await asyncio.Event().wait()  # the next change that never comes
+
+    task = asyncio.create_task(publishing())
+    await asyncio.sleep(0)  # waiting for the PUBACK
+    acked.set_result(None)  # the PUBACK arrives...
+    task.cancel()  # ...as the bridge is told to stop
+    done, _ = await asyncio.wait([task], timeout=2)
+    assert done == {task} and task.cancelled()
+    assert after == []

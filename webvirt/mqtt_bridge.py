@@ -27,8 +27,8 @@ import json
 import logging
 import secrets
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiomqtt
 
@@ -55,6 +55,7 @@ from webvirt.rules import Rule
 from webvirt.rules_store import Change, RuleStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 # Lines a broker client can cause once per message (a command flood): throttled (Throttled).
 command_log = logging.getLogger(f"{__name__}.commands")
 client_log = logging.getLogger(f"{__name__}.client")  # aiomqtt's and paho's
@@ -92,6 +93,18 @@ Item = tuple[str, Any]
 command_log.addFilter(Throttled(LOG_EVERY_S))
 client_log.addFilter(Throttled(LOG_EVERY_S))
 
+
+
+async def finished(operation: Awaitable[T]) -> T:
+    """Awaits an aiomqtt operation, and then a cancel that came as it completed. aiomqtt waits
+    with asyncio.wait_for, which before Python 3.12 drops such a cancel (CPython gh-86296):
+    a cancelled publishing task went on waiting for the next change, and shutdown or a
+    reconnect waited for it forever."""
+    result = await operation
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    return result
 
 class MqttBridge:
     __slots__ = ("_attached", "_backlog", "_birth_timer", "_client", "_commands",
@@ -344,8 +357,8 @@ class MqttBridge:
             self._rules = {rule.id: rule for rule in await self.rules.list()}
             self._rules_loaded = True
         self._inventory.merge(await self._read_inventory(client))
-        await client.subscribe(self.layout.commands, qos=1)
-        await client.subscribe(self.layout.home_assistant_status, qos=1)
+        await finished(client.subscribe(self.layout.commands, qos=1))
+        await finished(client.subscribe(self.layout.home_assistant_status, qos=1))
         while not self._backlog.empty():
             self._backlog.get_nowait()
         self._resync_queued = False
@@ -370,9 +383,9 @@ class MqttBridge:
         back, the inventory came or there is none."""
         echo = self.layout.echo(secrets.token_hex(8))
         found = Inventory()
-        await client.subscribe(self.layout.inventory, qos=1)
-        await client.subscribe(echo, qos=1)
-        await client.publish(echo, b"marker", qos=1)
+        await finished(client.subscribe(self.layout.inventory, qos=1))
+        await finished(client.subscribe(echo, qos=1))
+        await finished(client.publish(echo, b"marker", qos=1))
         try:
             async with asyncio.timeout(INVENTORY_WAIT_S):
                 async for message in client.messages:
@@ -383,8 +396,8 @@ class MqttBridge:
         except TimeoutError:
             log.warning("MQTT: no echo from the broker in %g s: what webvirt published before "
                         "and is gone is not removed this time", INVENTORY_WAIT_S)
-        await client.unsubscribe(self.layout.inventory)
-        await client.unsubscribe(echo)
+        await finished(client.unsubscribe(self.layout.inventory))
+        await finished(client.unsubscribe(echo))
         return found
 
     # Publishing: one task, in the order of the changes.
@@ -422,7 +435,7 @@ class MqttBridge:
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: str | bytes,
                        retain: bool = True) -> None:
-        await client.publish(topic, payload, qos=1, retain=retain)
+        await finished(client.publish(topic, payload, qos=1, retain=retain))
 
     async def _record(self, client: aiomqtt.Client,
                       change: Callable[[Inventory], object]) -> None:
