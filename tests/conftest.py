@@ -48,7 +48,9 @@ def frozen_heap() -> None:
 def forget_closed_apps() -> None:
     """aiohttp caches each app's middleware chain (up to 1024 apps), which keeps every app a
     test made, and all it holds, alive for the rest of the run."""
-    web_app._cached_build_middleware.cache_clear()
+    cache = getattr(web_app, "_cached_build_middleware", None)  # private: may go away
+    if cache is not None:
+        cache.cache_clear()
 
 
 @pytest.fixture(scope="session")
