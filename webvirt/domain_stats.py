@@ -139,9 +139,9 @@ def read_share(conn: libvirt.virConnect, share: int, shares: int, flags: int = 0
     started = time.monotonic()
     mine = [dom for dom in conn.listAllDomains(flags)
             if share_of(dom.UUIDString(), shares) == share]
-    sample, asks = _survey(_of(conn, mine, BULK_GROUPS), devices=True, guest_memory=False)
+    sample, asks = _survey(_of(conn, mine, BULK_GROUPS), started, devices=True,
+                           guest_memory=False)
     complete(sample, ask_monitor(conn, asks))
-    sample.started = started
     return sample
 
 
@@ -178,15 +178,13 @@ def survey(conn: libvirt.virConnect, flags: int = 0, *, devices: bool,
     info() and, for what `devices` asks of active domains, its live XML. Answers the sample so
     far and what the monitor is still to be asked."""
     started = time.monotonic()
-    sample, asks = _survey(_bulk(conn, BULK_GROUPS, flags), devices=devices,
-                           guest_memory=guest_memory)
-    sample.started = started
-    return sample, asks
+    return _survey(_bulk(conn, BULK_GROUPS, flags), started, devices=devices,
+                   guest_memory=guest_memory)
 
 
-def _survey(records: Records, *, devices: bool,
+def _survey(records: Records, started: float, *, devices: bool,
             guest_memory: bool) -> tuple[Sample, list[Ask]]:
-    started = time.monotonic()
+    """survey()'s work on records already read; `started`: when their read began."""
     domains, failed, asks = [], [], []
     for dom, stats in records:
         try:

@@ -66,6 +66,12 @@ CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 HostSample = tuple[str | None, Sample | None]
 
 
+def host_label(name: str | None) -> list[str]:
+    """The `host` label's value: none for one host (its name None, as Host.tags has no
+    "host"), so one host's metrics are as they always were."""
+    return [] if name is None else [name]
+
+
 def host_families(samples: Sequence[HostSample]) -> Iterator[Metric]:
     """One scrape's libvirt families: (host name, sample) for each host, the sample None when
     that host could not be read. With several hosts every family is labelled `host`; one
@@ -75,16 +81,13 @@ def host_families(samples: Sequence[HostSample]) -> Iterator[Metric]:
     def labels(*values: str) -> list[str]:
         return [*values, *extra]
 
-    def tag(name: str | None) -> list[str]:
-        return [name] if name is not None else []
-
     up = GaugeMetricFamily("libvirt_up", "Whether scraping libvirt's metrics was successful.",
                            labels=extra)
     count = GaugeMetricFamily("libvirt_domains", "Number of domains.", labels=extra)
     for name, sample in samples:
-        up.add_metric(tag(name), 0 if sample is None else 1)
+        up.add_metric(host_label(name), 0 if sample is None else 1)
         if sample is not None:
-            count.add_metric(tag(name), len(sample.domains))
+            count.add_metric(host_label(name), len(sample.domains))
     yield up
     read = [(name, sample) for name, sample in samples if sample is not None]
     if not read:
@@ -108,8 +111,8 @@ def host_families(samples: Sequence[HostSample]) -> Iterator[Metric]:
                             labels=by_domain)
     for name, sample in read:
         for d in sample.domains:
-            domain = [d.name, *tag(name)]
-            state.add_metric([d.name, STATE_DESC.get(d.state, STATE_DESC[0]), *tag(name)],
+            domain = [d.name, *host_label(name)]
+            state.add_metric([d.name, STATE_DESC.get(d.state, STATE_DESC[0]), *host_label(name)],
                              d.state)
             maximum.add_metric(domain, d.max_memory_kib * 1024)
             memory.add_metric(domain, d.memory_kib * 1024)
@@ -129,7 +132,7 @@ def _device_families(samples: list[tuple[str | None, Sample]],
         family = CounterMetricFamily(name, documentation,
                                      labels=["domain", "target_device", *extra])
         for host, sample in samples:
-            tag = [host] if host is not None else []
+            tag = host_label(host)
             for d in sample.domains:
                 for device in devices(d):
                     if field in device.counters:
@@ -163,20 +166,19 @@ class Metrics:
     """webvirt's own counters, fed by the hub's events and the hosts' calls. With several
     hosts, those about libvirt are labelled by host, as libvirt's own metrics are."""
 
-    __slots__ = ("_hub", "calls", "events", "reconnects", "rule_actions", "several")
+    __slots__ = ("_hub", "calls", "events", "reconnects", "rule_actions")
 
     def __init__(self, hub: EventHub, hosts: Iterable[Host]):
         self._hub = hub
         self.events: collections.Counter[str] = collections.Counter()
         self.rule_actions: collections.Counter[tuple[str, str]] = collections.Counter()
-        hosts = list(hosts)
-        self.several = len(hosts) > 1
-        # By host name with several hosts; under None with one (its events name no host).
-        names = [host.name if self.several else None for host in hosts]
-        self.reconnects: collections.Counter[str | None] = collections.Counter(
-            dict.fromkeys(names, 0))
-        self.calls = {name: Latency() for name in names}
-        for host, name in zip(hosts, names, strict=True):
+        # By the "host" its events carry (Host.tags): a name with several hosts, None with one.
+        self.reconnects: collections.Counter[str | None] = collections.Counter()
+        self.calls: dict[str | None, Latency] = {}
+        for host in hosts:
+            name = host.tags.get("host")
+            self.reconnects[name] = 0
+            self.calls[name] = Latency()
             host.call_listeners.append(self.calls[name].observe)
         hub.listen(self._count)
 
@@ -206,19 +208,19 @@ class Metrics:
         for (action, result), count in sorted(self.rule_actions.items()):
             rules.add_metric([action, result], count)
         yield rules
-        by_host = ["host"] if self.several else []
+        by_host = [] if None in self.calls else ["host"]
         reconnects = CounterMetricFamily(
             "webvirt_libvirt_reconnects", "Times the libvirt connection was lost and restored.",
             labels=by_host)
         for name, count in self.reconnects.items():
-            reconnects.add_metric([name] if name else [], count)
+            reconnects.add_metric(host_label(name), count)
         yield reconnects
         calls = HistogramMetricFamily(
             "webvirt_libvirt_call_duration_seconds",
             "Time a libvirt call took, waiting for its connection's thread included.",
             labels=by_host)
         for name, latency in self.calls.items():
-            latency.add_to(calls, [name] if name else [])
+            latency.add_to(calls, host_label(name))
         yield calls
 
 
