@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -57,6 +56,7 @@ from webvirt.mqtt_bridge import MqttBridge
 from webvirt.openapi import setup_openapi
 from webvirt.rules_store import RuleStore
 from webvirt.security import Guard, reads
+from webvirt.tasks import cancel_and_wait
 from webvirt.templates import TemplateStore
 from webvirt.usage import UsageSampler
 from webvirt.usb_reconciler import UsbReconciler
@@ -93,9 +93,7 @@ async def usb_reconciler(app: web.Application) -> AsyncIterator[None]:
 async def event_stream(app: web.Application) -> AsyncIterator[None]:
     heartbeats = asyncio.create_task(send_heartbeats(app[EVENT_HUB], app[SETTINGS].heartbeat_s))
     yield
-    heartbeats.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await heartbeats
+    await cancel_and_wait(heartbeats)
 
 
 async def send_heartbeats(hub: EventHub, interval: float) -> None:

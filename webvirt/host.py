@@ -42,6 +42,7 @@ from webvirt.host_devices import (
 from webvirt.hub import EventHub
 from webvirt.libvirt_events import LIFECYCLE_DETAILS, LIFECYCLE_EVENTS, STATE_AFTER, register
 from webvirt.libvirt_loop import ensure_event_impl
+from webvirt.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -218,11 +219,7 @@ class Host:
 
     async def close(self) -> None:
         self._closing = True
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         connections, self._connections = self._connections, []
         if self.connected:
             self.connected = False

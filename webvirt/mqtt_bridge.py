@@ -53,6 +53,7 @@ from webvirt.mqtt_discovery import (
 )
 from webvirt.rules import Rule
 from webvirt.rules_store import Change, RuleStore
+from webvirt.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -152,11 +153,7 @@ class MqttBridge:
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 async with asyncio.timeout(STOP_PUBLISH_S):
                     await client.publish(self.layout.status, OFFLINE, qos=1, retain=True)
-        for task in (*self._commands, self._task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(*self._commands, self._task)
 
     def key(self, host: Host, uuid: str) -> str:
         """A domain's topic level and id: its UUID; with several hosts, HOST-UUID (a VM copied
@@ -369,10 +366,7 @@ class MqttBridge:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(*tasks)
         for task in done:
             task.result()  # its error; a clean end of the messages is a lost connection
         raise aiomqtt.MqttError("the connection ended")

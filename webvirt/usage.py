@@ -9,7 +9,6 @@ view divides by the host's CPUs, the guest view by the domain's vCPUs; both with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from functools import partial
 from typing import Any
@@ -22,6 +21,7 @@ from webvirt.domains import state_name
 from webvirt.errors import ApiError
 from webvirt.host import Host
 from webvirt.hub import EventHub
+from webvirt.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,7 @@ class UsageSampler:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def _tell(self, before: Sample, now: Sample, host_cpus: int) -> None:
         figures = usages(before, now, host_cpus)

@@ -39,6 +39,7 @@ from webvirt.host_devices import Description, read_node_devices
 from webvirt.hosts import split_ref
 from webvirt.hub import EventHub
 from webvirt.rules import Rule, matches
+from webvirt.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 BUSY_RETRY_S = 0.5  # a domain busy with another operation is tried again after this
@@ -230,11 +231,7 @@ class UsbReconciler:
         if self.rules is not None:
             with contextlib.suppress(ValueError):
                 self.rules.listeners.remove(self._on_rule_change)
-        for task in (self._task, self._periodic):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._task, self._periodic)
 
     async def _run(self) -> None:
         while self._pending:
