@@ -49,12 +49,27 @@ class ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
 
 
 class _Descriptor(libvirtaio.Descriptor):
+    """Every libvirt call unwatches its connection's socket and watches it again: the loop
+    is woken once for both, and asyncio's watches change only when the result differs."""
+
     impl: ThreadSafeImpl
 
+    def __init__(self, impl: ThreadSafeImpl, fd: int):
+        super().__init__(impl, fd)
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._applied: int | None = None  # unknown until the first apply
+
     def update(self) -> None:
+        with self._lock:
+            if self._scheduled:
+                return  # the pending apply reads the callbacks as they are by then
+            self._scheduled = True
         self.impl.on_loop(self._apply)
 
     def _apply(self) -> None:
+        with self._lock:
+            self._scheduled = False
         # A deferred update of a descriptor already replaced (its fd closed and reused) must
         # not touch the new one's watches.
         if self.impl.descriptors.get(self.fd, self) is not self:
@@ -63,6 +78,9 @@ class _Descriptor(libvirtaio.Descriptor):
         wanted = 0
         for callback in list(self.callbacks.values()):
             wanted |= callback.event or 0
+        if wanted == self._applied:
+            return
+        self._applied = wanted
         loop = self.impl.loop
         if wanted & libvirt.VIR_EVENT_HANDLE_READABLE:
             loop.add_reader(self.fd, self._handle, libvirt.VIR_EVENT_HANDLE_READABLE)
@@ -84,20 +102,35 @@ class _Descriptors(libvirtaio.DescriptorDict):
 
 
 class _Timer(libvirtaio.TimeoutCallback):
+    """libvirt re-arms a connection's keepalive timer at every message: the loop is woken
+    only when the timer is to start or stop."""
+
     impl: ThreadSafeImpl
     _task: asyncio.Future[None] | None
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self._scheduled = False
+
     def update(self, timeout: int) -> None:
-        self.timeout = timeout
+        with self._lock:
+            self.timeout = timeout
+            # The running timer reads the new timeout itself, as libvirtaio's does.
+            if self._scheduled or (self._task is not None) == (timeout >= 0):
+                return
+            self._scheduled = True
         self.impl.on_loop(self._apply)
 
     def _apply(self) -> None:
         # Reads the latest timeout, so updates applied late or out of turn still end right.
-        if self.timeout >= 0 and self._task is None:
-            self._task = asyncio.ensure_future(self._timer(), loop=self.impl.loop)
-        elif self.timeout < 0 and self._task is not None:
-            self._task.cancel()
-            self._task = None
+        with self._lock:
+            self._scheduled = False
+            if self.timeout >= 0 and self._task is None:
+                self._task = asyncio.ensure_future(self._timer(), loop=self.impl.loop)
+            elif self.timeout < 0 and self._task is not None:
+                self._task.cancel()
+                self._task = None
 
 
 def ensure_event_impl() -> None:
