@@ -187,7 +187,7 @@ async def test_the_qemu_monitor_is_asked_only_what_a_domain_has(
 
     monkeypatch.setattr(libvirt.virDomain, "blockStats", noted)
     samples = await scrape(client)
-    assert asked[0] == ("ballooned,disked,two-disks,vfio", domain_stats.BULK_GROUPS)
+    assert asked[0] == ("*", domain_stats.BULK_GROUPS)
     assert sorted(asked[1:]) == [("two-disks", libvirt.VIR_DOMAIN_STATS_BLOCK),
                                  ("vfio", libvirt.VIR_DOMAIN_STATS_BALLOON)]
     # (The test driver's block group names no disks: two-disks is read disk by disk too.)
@@ -240,23 +240,20 @@ async def test_a_single_disk_libvirt_cannot_read_at_once_is_left_to_the_block_gr
     assert "disked" in by_domain(samples, "libvirt_domain_info_memory_usage_bytes")
 
 
-def test_each_domain_is_read_by_one_share_whatever_each_listing_holds() -> None:
-    """Each connection lists the domains for itself: a domain defined between two listings
-    must not move the others to another share (read twice, or by none)."""
+def test_each_domain_is_read_once_by_the_first_connection_to_claim_it() -> None:
+    """Each connection lists the domains for itself and reads those no other has claimed: one
+    that comes first reads them all, and a domain defined between two listings is read once."""
     first, second = libvirt.open("test:///default"), libvirt.open("test:///default")
-    defined = [first.defineXML(running(f"share{i}", "").replace(
-        "</name>", f"</name><uuid>{i + 1:08x}-0000-4000-8000-000000000000</uuid>"))
-        for i in range(6)]
+    defined = [first.defineXML(running(f"claim{i}", "")) for i in range(6)]
     try:
         before = {d.name() for d in first.listAllDomains()}
-        part = domain_stats.read_share(first, 0, 2)
-        # Sorts before every other UUID: by position, it would shift them all.
-        defined.append(second.defineXML(running("newcomer", "").replace(
-            "</name>", "</name><uuid>00000000-0000-4000-8000-000000000000</uuid>")))
-        other = domain_stats.read_share(second, 1, 2)
-        names = [d.name for d in part.domains + other.domains]
-        assert sorted(n for n in names if n in before) == sorted(before)
-        assert len(names) == len(set(names))
+        claims = domain_stats.Claims()
+        # Starts halfway along the order, yet takes every domain: no other has claimed any.
+        part = domain_stats.read_claimed(first, claims, part=1, parts=2)
+        defined.append(second.defineXML(running("newcomer", "")))
+        other = domain_stats.read_claimed(second, claims, part=0, parts=2)
+        assert sorted(d.name for d in part.domains) == sorted(before)
+        assert [d.name for d in other.domains] == ["newcomer"]
     finally:
         for dom in defined:
             dom.undefine()
