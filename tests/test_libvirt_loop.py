@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -15,22 +17,77 @@ from tests.libvirt_daemon import LibvirtDaemon
 from tests.waiting import until
 from webvirt.libvirt_loop import ThreadSafeImpl, ensure_event_impl
 
-pytestmark = pytest.mark.qemu
-
+READABLE = libvirt.VIR_EVENT_HANDLE_READABLE
 CALLS = 100
 
 
+def watched(loop: asyncio.AbstractEventLoop, fd: int) -> int:
+    """What asyncio's selector watches fd for, as libvirt's event bits (private: selectors)."""
+    selector = loop._selector  # type: ignore[attr-defined]
+    if fd not in selector.get_map():
+        return 0
+    reader, writer = selector.get_key(fd).data
+    return (READABLE if reader else 0) | (libvirt.VIR_EVENT_HANDLE_WRITABLE if writer else 0)
+
+
 def watches_settled(impl: ThreadSafeImpl) -> bool:
-    """Each socket's watch on the asyncio loop is what libvirt last asked for."""
+    """Each fd is watched by the asyncio loop as libvirt last asked (through its duplicate)."""
     for descriptor in list(impl.descriptors.values()):
         wanted = 0
         for callback in list(descriptor.callbacks.values()):
             wanted |= callback.event or 0
-        if getattr(descriptor, "_applied", None) != wanted:
+        if watched(impl.loop, getattr(descriptor, "_watched", descriptor.fd)) != wanted:
             return False
     return True
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_socket_on_a_reused_fd_number_is_watched(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt closes a connection's socket on whichever thread drops it, before the loop has
+    unwatched it; a socket opened meanwhile can get the same number. asyncio, still holding
+    the old watch, took the new one's for a change of nothing and never watched it: that
+    connection's replies and events went unread."""
+    impl = ThreadSafeImpl(asyncio.get_running_loop())
+    monkeypatch.setattr(impl, "schedule_ff_callback", lambda iden, opaque: None)
+    fds_before = open_fds()
+    old, old_peer = socket.socketpair()
+    fd = old.fileno()
+    watch = await asyncio.to_thread(impl._add_handle, fd, READABLE, lambda *_: None, None)
+    await until(lambda: watches_settled(impl), 5, "the first socket watched")
+    heard = threading.Event()
+    loop_busy = threading.Event()
+    asyncio.get_running_loop().call_soon(loop_busy.wait, 10)  # the loop lags behind
+
+    def drop_and_reopen() -> tuple[socket.socket, socket.socket]:
+        impl._remove_handle(watch)
+        old.close()
+        old_peer.close()
+        new, peer = socket.socketpair()
+        if new.fileno() != fd:  # make sure the number is reused
+            os.dup2(new.fileno(), fd)
+            new.close()
+            new = socket.socket(fileno=fd)
+        impl._add_handle(fd, READABLE, lambda *_: heard.set(), None)
+        loop_busy.set()
+        return new, peer
+
+    new, peer = await asyncio.to_thread(drop_and_reopen)
+    try:
+        peer.send(b"x")
+        await until(heard.is_set, 5, "the new socket's reply noticed")
+    finally:
+        for watch_id in list(impl.callbacks):
+            impl._remove_handle(watch_id)
+        new.close()
+        peer.close()
+    await until(lambda: open_fds() == fds_before, 5, "every duplicate closed")
+
+
+@pytest.mark.qemu
 async def test_a_call_wakes_the_event_loop_at_most_twice(
         libvirt_daemon: LibvirtDaemon, monkeypatch: pytest.MonkeyPatch) -> None:
     """A libvirt call unwatches its connection's socket and watches it again, and libvirt

@@ -11,6 +11,7 @@ expects, while every change to the asyncio loop itself happens on the loop threa
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -25,11 +26,14 @@ class ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
         self._loop_thread = threading.get_ident()
         self.descriptors = _Descriptors(self)
 
+    def on_loop_thread(self) -> bool:
+        return threading.get_ident() == self._loop_thread
+
     def on_loop(self, fn: Callable[[], Any]) -> None:
         """Run fn now on the loop thread, or soon from any other thread (and wake the loop)."""
         if self.loop.is_closed():
             return  # at exit, libvirt objects freed late: nothing left to watch or free
-        if threading.get_ident() == self._loop_thread:
+        if self.on_loop_thread():
             fn()
         else:
             try:
@@ -49,8 +53,14 @@ class ThreadSafeImpl(libvirtaio.virEventAsyncIOImpl):
 
 
 class _Descriptor(libvirtaio.Descriptor):
-    """Every libvirt call unwatches its connection's socket and watches it again: the loop
-    is woken once for both, and asyncio's watches change only when the result differs."""
+    """One fd libvirt watches. asyncio watches a duplicate of it, closed on the loop thread
+    once libvirt no longer wants it: libvirt closes its own fd on whichever thread drops the
+    connection, and a number reused before the loop caught up would otherwise leave asyncio
+    with a stale watch (a new socket never watched, or another's watch removed).
+
+    Every libvirt call unwatches its connection's socket and watches it again: from a worker
+    thread, the loop is woken once for both, and asyncio's watch changes only when the result
+    differs."""
 
     impl: ThreadSafeImpl
 
@@ -58,38 +68,53 @@ class _Descriptor(libvirtaio.Descriptor):
         super().__init__(impl, fd)
         self._lock = threading.Lock()
         self._scheduled = False
-        self._applied: int | None = None  # unknown until the first apply
+        self._applied = 0
+        self._gone = False
+        self._watched = os.dup(fd)  # while libvirt's fd is still open: added on its thread
 
     def update(self) -> None:
+        if self.impl.on_loop_thread():
+            self._apply()
+            return
         with self._lock:
             if self._scheduled:
                 return  # the pending apply reads the callbacks as they are by then
             self._scheduled = True
         self.impl.on_loop(self._apply)
 
+    def drop(self) -> None:
+        """libvirt removed its last watch of the fd (and may close it at once)."""
+        self._gone = True
+        self.update()
+
     def _apply(self) -> None:
         with self._lock:
             self._scheduled = False
-        # A deferred update of a descriptor already replaced (its fd closed and reused) must
-        # not touch the new one's watches.
-        if self.impl.descriptors.get(self.fd, self) is not self:
+        if self._watched < 0:
             return
-        # A copy: worker threads add and remove this descriptor's callbacks meanwhile.
         wanted = 0
-        for callback in list(self.callbacks.values()):
-            wanted |= callback.event or 0
-        if wanted == self._applied:
-            return
-        self._applied = wanted
-        loop = self.impl.loop
+        if not self._gone:
+            # A copy: worker threads add and remove this descriptor's callbacks meanwhile.
+            for callback in list(self.callbacks.values()):
+                wanted |= callback.event or 0
+        if wanted != self._applied:
+            self._watch(wanted)
+        if self._gone:
+            os.close(self._watched)
+            self._watched = -1
+
+    def _watch(self, wanted: int) -> None:
+        loop, fd = self.impl.loop, self._watched
+        self._applied = 0  # until asyncio has taken each change
         if wanted & libvirt.VIR_EVENT_HANDLE_READABLE:
-            loop.add_reader(self.fd, self._handle, libvirt.VIR_EVENT_HANDLE_READABLE)
+            loop.add_reader(fd, self._handle, libvirt.VIR_EVENT_HANDLE_READABLE)
         else:
-            loop.remove_reader(self.fd)
+            loop.remove_reader(fd)
         if wanted & libvirt.VIR_EVENT_HANDLE_WRITABLE:
-            loop.add_writer(self.fd, self._handle, libvirt.VIR_EVENT_HANDLE_WRITABLE)
+            loop.add_writer(fd, self._handle, libvirt.VIR_EVENT_HANDLE_WRITABLE)
         else:
-            loop.remove_writer(self.fd)
+            loop.remove_writer(fd)
+        self._applied = wanted
 
 
 class _Descriptors(libvirtaio.DescriptorDict):
@@ -99,6 +124,11 @@ class _Descriptors(libvirtaio.DescriptorDict):
         descriptor = _Descriptor(self.impl, fd)
         self[fd] = descriptor
         return descriptor
+
+    def __delitem__(self, fd: int) -> None:
+        descriptor = self[fd]
+        super().__delitem__(fd)
+        descriptor.drop()
 
 
 class _Timer(libvirtaio.TimeoutCallback):
@@ -114,6 +144,10 @@ class _Timer(libvirtaio.TimeoutCallback):
         self._scheduled = False
 
     def update(self, timeout: int) -> None:
+        if self.impl.on_loop_thread():
+            self.timeout = timeout
+            self._apply()
+            return
         with self._lock:
             self.timeout = timeout
             # The running timer reads the new timeout itself, as libvirtaio's does.
