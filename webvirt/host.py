@@ -244,19 +244,20 @@ class Host:
     async def call(self, fn: Callable[[libvirt.virConnect], T],
                    seconds: float | None = None) -> T:
         """Run fn(conn) on the least busy connection's thread; libvirt errors as ApiError."""
-        if not self._connections:
-            raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
-        return await self._call_on(min(self._connections, key=lambda c: c.pending), fn, seconds)
+        return await self._call_on(min(self._open(), key=lambda c: c.pending), fn, seconds)
 
     async def call_each(self, fns: Sequence[Callable[[libvirt.virConnect], T]]) -> list[T]:
         """Each fn on a connection of its own (the least busy first), side by side: for work
         libvirt does one domain after another, such as asking each QEMU monitor."""
-        if not self._connections:
-            raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
-        connections = sorted(self._connections, key=lambda c: c.pending)
+        connections = sorted(self._open(), key=lambda c: c.pending)
         return list(await asyncio.gather(*(
             self._call_on(connections[i % len(connections)], fn, None)
             for i, fn in enumerate(fns))))
+
+    def _open(self) -> list[Connection]:
+        if not self._connections:
+            raise Unavailable(f"not connected to libvirt at {self.display_uri}; reconnecting")
+        return self._connections
 
     async def _call_on(self, connection: Connection, fn: Callable[[libvirt.virConnect], T],
                        seconds: float | None) -> T:
