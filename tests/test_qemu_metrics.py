@@ -127,6 +127,7 @@ async def test_a_scrape_asks_the_monitors_over_several_connections_at_once(
         patch.setattr(libvirt.virDomain, "blockStats", side_by_side)
         samples = await scrape(qemu_client)
     assert first_waited == [True], callers
+    assert len(callers) == len(names), callers  # each guest's disk read once
     assert sorted(by_device(samples, "libvirt_domain_block_stats_read_requests_total")) == [
         (name, "vda") for name in names]
 

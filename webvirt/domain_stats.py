@@ -155,8 +155,8 @@ def read_claimed(conn: libvirt.virConnect, claims: Claims, part: int, parts: int
                  flags: int = 0) -> Sample:
     """read()'s work, domain by domain, for each domain this connection claims first. The
     connections walk one order (by UUID) from `part`/`parts` of the way along it, so each
-    starts on domains of its own; block groups left (several disks, no balloon: one call each)
-    are asked at the end."""
+    starts on domains of its own. What needs the monitor is read as each domain is claimed;
+    the balloon stats of domains without a balloon (no monitor) in one call at the end."""
     started = time.monotonic()
     records = sorted(_bulk(conn, BULK_GROUPS, flags), key=lambda r: str(r[0].UUIDString()))
     start = part * len(records) // parts
@@ -169,7 +169,11 @@ def read_claimed(conn: libvirt.virConnect, claims: Claims, part: int, parts: int
         some, asks = _survey([record], started, devices=True, guest_memory=False)
         sample.domains += some.domains
         sample.failed += some.failed
-        grouped += read_single_disks(asks, answers)
+        for ask in read_single_disks(asks, answers):
+            if ask.groups & libvirt.VIR_DOMAIN_STATS_BLOCK:
+                ask_groups(conn, [ask], answers)  # the monitor's: now, while others claim on
+            else:
+                grouped.append(ask)  # balloon stats of domains without one: no monitor
     ask_groups(conn, grouped, answers)
     answers.ended = time.monotonic()
     complete(sample, answers)
