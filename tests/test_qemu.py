@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import threading
 import time
@@ -16,9 +17,10 @@ import libvirt
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import ClientFactory
 from tests.libvirt_daemon import LibvirtDaemon, guest_xml
 from tests.processes import free_port, spawn_webvirt, wait_until_serving
-from tests.waiting import next_message
+from tests.waiting import next_message, until
 from webvirt.appkeys import HOST
 
 pytestmark = pytest.mark.qemu
@@ -279,3 +281,22 @@ def test_ctrl_c_ends_webvirt_even_while_the_daemon_is_frozen(
     assert server.returncode == 0, log
     assert elapsed < 10, f"shutdown took {elapsed:.1f} s:\n{log}"
     assert "shutting down" in log
+
+
+async def test_a_waiting_shutdown_does_not_hold_up_webvirt_stopping(
+        make_client: ClientFactory, libvirt_daemon: LibvirtDaemon,
+        qemu_conn: libvirt.virConnect, caplog: pytest.LogCaptureFixture) -> None:
+    """A request may wait an hour for a guest. webvirt stopping meanwhile answered it only when
+    aiohttp gave up on it, a minute later; now it answers at once, says nothing was confirmed,
+    and forces nothing off."""
+    dom = qemu_conn.defineXML(guest_xml("lingering"))
+    dom.create()  # diskless: it ignores ACPI
+    client = await make_client(uri=libvirt_daemon.uri)
+    caplog.set_level(logging.INFO, logger="webvirt.api_domains")
+    asked = asyncio.create_task(
+        client.get("/api/0/shutdown/lingering?wait=1&timeout=3600&force=1"))
+    await until(lambda: "shutdown lingering: shutting down" in caplog.text, 10,
+                "the shutdown asked")
+    await asyncio.wait_for(client.server.close(), 10)
+    assert await (await asked).json() == "shutting down"
+    assert dom.isActive()

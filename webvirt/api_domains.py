@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -30,9 +30,11 @@ from webvirt.schemas import (
     parse_query,
     string_enum,
 )
+from webvirt.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 POWER_ERRORS = error_responses(404, 409, 501, 503, 504)
+T = TypeVar("T")
 
 
 async def run_action(request: web.Request, action: str, operation: Operation,
@@ -180,7 +182,8 @@ async def resume(request: web.Request) -> web.Response:
         "Asks the guest to shut down (ACPI). Without parameters it answers at once: "
         "\"shutting down\", or \"not running\". With `wait` (or `timeout`) it waits up to "
         "`timeout` seconds: \"shut off\" or \"still running\". With `force` it forces the "
-        "domain off when the timeout passes: \"shut off\" or \"forced off\"."
+        "domain off when the timeout passes: \"shut off\" or \"forced off\". If webvirt "
+        "stops meanwhile, it answers \"shutting down\" at once and forces nothing off."
     ),
     responses={200: {"description": "What happened",
                      "schema": string_enum("shutting down", "not running", "shut off",
@@ -199,8 +202,11 @@ async def shutdown(request: web.Request) -> web.Response:
         return web.json_response(result)
     # On the cache, not on events: a guest that stopped while libvirt was away is seen off
     # by the re-read after the reconnect.
-    if await host.wait_for_state(entry, lambda state: state in (None, "shutoff"),
-                                 query["timeout"]):
+    stopped = await unless_stopping(request, host.wait_for_state(
+        entry, lambda state: state in (None, "shutoff"), query["timeout"]))
+    if stopped is None:  # webvirt is stopping: nothing confirmed, and nothing forced off
+        return web.json_response("shutting down")
+    if stopped:
         return web.json_response("shut off")
     if not query["force"]:
         return web.json_response("still running")
@@ -216,7 +222,8 @@ async def shutdown(request: web.Request) -> web.Response:
     summary="Reboot domain",
     description=(
         "Asks the guest to reboot (ACPI). With `wait` it waits up to `timeout` seconds for "
-        "the guest to reset: \"rebooted\", or \"rebooting\" if it did not in time."
+        "the guest to reset: \"rebooted\", or \"rebooting\" if it did not in time (or "
+        "webvirt stopped meanwhile)."
     ),
     responses={200: {"description": "What happened",
                      "schema": string_enum("rebooting", "rebooted")},
@@ -239,10 +246,34 @@ async def reboot(request: web.Request) -> web.Response:
     watched = request.app[EVENT_HUB].watch(rebooted)
     try:
         await run_action(request, "reboot", domains.reboot, target=(host, entry))
-        async with asyncio.timeout(query["timeout"]):
-            await watched
-        return web.json_response("rebooted")
-    except TimeoutError:
-        return web.json_response("rebooting")
+        seen = await unless_stopping(request, arrives(watched, query["timeout"]))
+        return web.json_response("rebooted" if seen else "rebooting")
     finally:
         watched.cancel()
+
+
+async def arrives(future: asyncio.Future[None], seconds: float) -> bool:
+    try:
+        async with asyncio.timeout(seconds):
+            await future
+        return True
+    except TimeoutError:
+        return False
+
+
+async def unless_stopping(request: web.Request,
+                          waiting: Coroutine[Any, Any, T]) -> T | None:
+    """What `waiting` answers, or None once webvirt begins to stop: a request may wait an
+    hour for a guest, and aiohttp would hold up the stop for a minute, then cancel it."""
+    task = asyncio.ensure_future(waiting)
+    stopping = asyncio.ensure_future(request.app[EVENT_HUB].stopping.wait())
+    try:
+        await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        await cancel_and_wait(task, stopping)
+        raise
+    await cancel_and_wait(stopping)
+    if task.done():
+        return task.result()
+    await cancel_and_wait(task)
+    return None

@@ -189,6 +189,8 @@ class EventHub:
         # The latest events, for clients that resume; bounded by count.
         self._replay: collections.deque[Published] = collections.deque(maxlen=replay_events)
         self._subscribers: set[Subscriber] = set()
+        # Set at shutdown (end_all): a request waiting for a guest (?wait) answers at once.
+        self.stopping = asyncio.Event()
         # Those whose filter asks for stats; set while there is one (the sampler waits on it).
         self._stats_subscribers: set[Subscriber] = set()
         self.stats_wanted = asyncio.Event()
@@ -335,6 +337,8 @@ class EventHub:
                 "type": kind, **fields}
 
     def end_all(self) -> None:
+        """webvirt is stopping: every stream ends, and whatever waits on events stops."""
+        self.stopping.set()
         for subscriber in self._subscribers:
             subscriber.end()
 
