@@ -312,6 +312,7 @@ let chosenDevice = null; // the picked device's key (libvirt's node-device name[
 const deviceKey = (device) => refOf(device.name, device.host);
 let pickerBusy = false;
 const PCI_ADDRESS = /^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$/i;
+const USB_ADDRESS = /^(\d+):(\d+)$/;  // bus:device, as the host device list gives it
 
 // A root hub has no port (the kernel names it usb1, libvirt usb_usb1). The test driver's
 // devices have no port either, as they have no sysfs path: no port alone is not enough.
@@ -333,6 +334,12 @@ function templateCall(device) {
   if (device.type === "usb") {
     if (!device.vendor_id || !device.product_id) return null;
     const { vendor_id, product_id } = device;
+    // Where it is plugged, when known: libvirt refuses ids that two plugged devices share.
+    const at = USB_ADDRESS.exec(device.address || "");
+    if (at) {
+      return ["usb_address",
+        new URLSearchParams({ vendor_id, product_id, bus: at[1], device: at[2] })];
+    }
     return ["usb", new URLSearchParams({ vendor_id, product_id })];
   }
   const parts = PCI_ADDRESS.exec(device.address || "");

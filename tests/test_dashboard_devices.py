@@ -158,8 +158,10 @@ async def test_attach_now_sends_the_device_and_shows_why_it_failed(
         await page.get_by_role("button", name="Attach now").click()
     request = await sent.value
     assert request.method == "POST"
-    assert urlsplit(request.url).path == "/api/0/attach/linux-dev/usb"
-    assert query_of(request.url) == {"vendor_id": ["046d"], "product_id": ["c52b"]}
+    # Where it is plugged too: libvirt refuses ids that two plugged devices share.
+    assert urlsplit(request.url).path == "/api/0/attach/linux-dev/usb_address"
+    assert query_of(request.url) == {"vendor_id": ["046d"], "product_id": ["c52b"],
+                                     "bus": ["1"], "device": ["4"]}
     await expect(page.locator("#picker-message")).to_contain_text(
         f"linux-dev: attach Unifying Receiver failed: this function is {NOT_SUPPORTED}")
     await expect(page.get_by_role("button", name="Attach now")).to_be_enabled()

@@ -111,3 +111,41 @@ async def test_a_rule_that_loses_its_device_to_another_vm_says_so(
     await expect(card(page, SECOND_GUEST).locator(".hostdev")).to_contain_text("PenPartner")
     await expect(card(page, GUEST_NAME).locator(".hostdev")).to_have_count(0)
     await expect(page.locator("#rules > li .rule-error")).to_have_count(1)  # only the loser
+
+
+def usb_hostdev_addresses(conn: libvirt.virConnect, name: str = GUEST_NAME) -> list[str]:
+    """The host address ("BUS:DEVICE") of each USB hostdev in the domain's live definition."""
+    root = ET.fromstring(conn.lookupByName(name).XMLDesc())
+    return [f"{int(a.get('bus', '0'), 0)}:{int(a.get('device', '0'), 0)}"
+            for a in root.iterfind("devices/hostdev[@type='usb']/source/address")]
+
+
+async def test_attach_now_gives_the_one_picked_of_two_alike(
+        usb_lab: Lab, lab_conn: libvirt.virConnect, make_client: Any, page: Page) -> None:
+    """The lab's keyboard and mouse share 0627:0001, and libvirt refuses an attach by those ids
+    alone ("Multiple USB devices"): the page asks for the one picked by where it is plugged,
+    and the card's Detach gives back that one."""
+    client = await make_client(uri=usb_lab.uri)
+    await open_dashboard(page, client)
+    await expect(card(page, GUEST_NAME).locator(".state")).to_have_text("running")
+    usb_lab.plug("keyboard", port="1")
+    usb_lab.plug("mouse", port="2")
+    mouse = page.locator("#usb-devices > li", has_text="port 1-2")
+    await expect(mouse).to_contain_text("0627:0001", timeout=LAB_MS)
+    await expect(page.locator("#usb-devices > li", has_text="port 1-1")).to_contain_text(
+        "0627:0001", timeout=LAB_MS)
+    listed = await (await client.get("/api/0/host/devices")).json()
+    address = next(d["address"] for d in listed if d.get("port") == "1-2")
+
+    await mouse.get_by_role("radio").check()
+    await page.select_option("#picker-domain", GUEST_NAME)
+    await page.get_by_role("button", name="Attach now").click()
+    await expect(page.locator("#picker-message")).to_contain_text(
+        f"{GUEST_NAME}: attached", timeout=LAB_MS)
+    assert usb_hostdev_addresses(lab_conn) == [address]
+
+    held = card(page, GUEST_NAME).locator(".hostdev")
+    await expect(held).to_have_count(1, timeout=LAB_MS)
+    await held.get_by_role("button", name="Detach").click()
+    await expect(held).to_have_count(0, timeout=LAB_MS)
+    assert usb_hostdevs(lab_conn) == []

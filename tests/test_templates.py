@@ -101,7 +101,8 @@ def test_reserved_variable_names_are_refused(devices_dir: Path) -> None:
 
 
 def test_names_lists_the_templates(devices_dir: Path) -> None:
-    assert TemplateStore(devices_dir).names() == ["pci", "pci_with_rom", "usb", "usb_tablet"]
+    assert TemplateStore(devices_dir).names() == ["pci", "pci_with_rom", "usb", "usb_address",
+                                                 "usb_tablet"]
 
 
 @pytest.mark.parametrize("name", ["..", "../usb", "a/../usb", "/etc/passwd", ".hidden", "u sb"])
