@@ -30,10 +30,30 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-class Broker:
-    """mosquitto on 127.0.0.1, no persistence; anonymous, or with one user and password."""
+def make_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA of its own, and a certificate it signed for 127.0.0.1: (CA, certificate, key)."""
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    certificate, key = directory / "broker.pem", directory / "broker.key"
+    request, extensions = directory / "broker.csr", directory / "broker.ext"
+    extensions.write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for command in (
+            ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+             "-subj", "/CN=webvirt test CA"],
+            ["req", *ec, "-keyout", key, "-out", request, "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", certificate, "-days", "2", "-extfile", extensions]):
+        subprocess.run(["openssl", *map(str, command)], check=True, capture_output=True)
+    return ca, certificate, key
 
-    def __init__(self, directory: Path, credentials: tuple[str, str] | None = None):
+
+class Broker:
+    """mosquitto on 127.0.0.1, no persistence; anonymous, or with one user and password. With
+    `tls`, a second listener (tls_port) speaks TLS with a certificate from a CA of its own
+    (ca_file), as a home broker with a self-signed certificate does."""
+
+    def __init__(self, directory: Path, credentials: tuple[str, str] | None = None,
+                 tls: bool = False):
         if not os.access(MOSQUITTO, os.X_OK):
             raise RuntimeError("mosquitto not found: scripts/install --test installs it")
         self.directory = directory
@@ -42,8 +62,15 @@ class Broker:
         self.process: subprocess.Popen[bytes] | None = None
         directory.mkdir(parents=True, exist_ok=True)
         # As root mosquitto would switch to the user "mosquitto", who cannot read tmp_path.
-        lines = [f"user {pwd.getpwuid(os.getuid()).pw_name}",
-                 f"listener {self.port} 127.0.0.1", "persistence false"]
+        lines = [f"user {pwd.getpwuid(os.getuid()).pw_name}", "persistence false",
+                 f"listener {self.port} 127.0.0.1"]
+        self.tls_port = self.ca_file = None
+        if tls:
+            self.tls_port = free_port()
+            self.ca_file, certificate, key = make_certificate(directory)
+            # Certificates are the settings of the listener named before them.
+            lines += [f"listener {self.tls_port} 127.0.0.1", f"cafile {self.ca_file}",
+                      f"certfile {certificate}", f"keyfile {key}"]
         if credentials is None:
             lines.append("allow_anonymous true")
         else:

@@ -5,6 +5,7 @@ and on a real QEMU guest."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -787,3 +788,33 @@ async def test_a_cancel_that_comes_as_a_publish_completes_is_not_lost() -> None:
     done, _ = await asyncio.wait([task], timeout=2)
     assert done == {task} and task.cancelled()
     assert after == []
+
+
+# 7. mqtts://
+
+# paho closes no socket whose TLS handshake failed (paho/mqtt/client.py, _ssl_wrap_socket): it
+# is closed, with a ResourceWarning, once the error that holds it is freed, at each attempt.
+@pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning")
+async def test_mqtts_trusts_the_ca_it_is_given_and_no_other(
+        make_client: ClientFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A home broker's certificate is usually signed by a CA of its own: without --mqtt-ca,
+    webvirt must refuse it (and say why); with it, talk to the broker over TLS."""
+    broker = Broker(tmp_path / "broker", tls=True)
+    broker.start()
+    assert broker.tls_port is not None and broker.ca_file is not None
+    layout = fresh_layout()
+    untrusted = MqttSettings("127.0.0.1", broker.tls_port, tls=True, prefix=layout.prefix,
+                             discovery_prefix=layout.discovery_prefix)
+    try:
+        async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:  # the plain listener
+            client = await make_client(mqtt=untrusted)
+            await until(lambda: "give the CA that signed it with --mqtt-ca" in caplog.text,
+                        10, "the untrusted certificate refused")
+            await client.close()
+            assert mqtt.last(layout.status) is None
+            await make_client(mqtt=dataclasses.replace(untrusted, ca_file=broker.ca_file))
+            await mqtt.wait(layout.status, "online", seconds=10)
+            await mqtt.wait(layout.state(LINUX), "running")
+    finally:
+        broker.stop()
