@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from webvirt.rules import PortMatch, Rule, UsbIdMatch
-from webvirt.usb_reconciler import Holder, UsbWorld, plan, usb_hostdev_xml
+from webvirt.usb_reconciler import Holder, UsbWorld, holdings, plan, usb_hostdev_xml
 
 WIN, LINUX = Holder("uuid-win", "win11"), Holder("uuid-linux", "linux")
 
@@ -101,3 +101,13 @@ def test_the_rule_made_first_is_the_older_whatever_the_clock_said() -> None:
     first, second = rule(1, LINUX, UsbIdMatch("046d", "c52b"), created=2_000_000.0), rule(
         2, WIN, UsbIdMatch("046d", "c52b"), created=1_000_000.0)
     assert summary(plan([first, second], world(MOUSE)))[0] == (1, "usb_1_2", "attach", None)
+
+
+def test_what_each_rule_holds_is_what_its_vm_holds_of_what_it_matches() -> None:
+    """Whoever attached it (a rule, a person, libvirt at the VM's start), and whether or not
+    the rule is on: what the MQTT bridge's "attached" sensor says."""
+    rules = [rule(1, WIN, UsbIdMatch("046d", "c52b")), rule(2, LINUX, PortMatch("1-4")),
+             rule(3, WIN, PortMatch("1-4"), enabled=False)]
+    held = {"1:5": WIN, "1:6": LINUX, "1:7": WIN}
+    assert holdings(rules, world(MOUSE, OTHER_MOUSE, KEYBOARD, held=held)) == {
+        1: frozenset({"1:5"}), 2: frozenset(), 3: frozenset({"1:7"})}

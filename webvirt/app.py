@@ -46,6 +46,7 @@ from webvirt.appkeys import (
     TEMPLATES,
     USAGE,
     USB_RECONCILER,
+    USB_RECONCILERS,
 )
 from webvirt.config import Settings
 from webvirt.hosts import Hosts, HostSpec, default_name
@@ -83,6 +84,7 @@ async def usb_reconciler(app: web.Application) -> AsyncIterator[None]:
                                  first=host is app[HOSTS].default)
                    for host in app[HOSTS]]
     app[USB_RECONCILER] = reconcilers[0]
+    app[USB_RECONCILERS] = reconcilers
     for reconciler in reconcilers:
         reconciler.start()
     yield
@@ -116,8 +118,16 @@ async def mqtt_bridge(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS].mqtt
     assert settings is not None
     app[MQTT_BRIDGE] = bridge = MqttBridge(settings, app[HOSTS], app[EVENT_HUB], app[RULES])
+    listeners = []
+    for reconciler in app[USB_RECONCILERS]:
+        listeners.append((reconciler, partial(bridge.held, reconciler.host)))
+        reconciler.holding_listeners.append(listeners[-1][1])
+        if reconciler.holding is not None:  # its first pass came first
+            bridge.held(reconciler.host, reconciler.holding)
     bridge.start()
     yield
+    for reconciler, listener in listeners:
+        reconciler.holding_listeners.remove(listener)
     await bridge.close()
 
 

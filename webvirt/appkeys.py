@@ -23,6 +23,7 @@ TEMPLATES = web.AppKey("templates", TemplateStore)
 EVENT_HUB = web.AppKey("event_hub", EventHub)
 RULES = web.AppKey("rules", RuleStore)
 USB_RECONCILER = web.AppKey("usb_reconciler", UsbReconciler)  # the first host's
+USB_RECONCILERS = web.AppKey("usb_reconcilers", list[UsbReconciler])  # one per host
 METRICS = web.AppKey("metrics", Metrics)
 USAGE = web.AppKey("usage", list[UsageSampler])  # one per host
 MQTT_BRIDGE = web.AppKey("mqtt_bridge", MqttBridge)  # only with --mqtt

@@ -27,7 +27,7 @@ import json
 import logging
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiomqtt
@@ -109,7 +109,7 @@ async def finished(operation: Awaitable[T]) -> T:
 
 class MqttBridge:
     __slots__ = ("_attached", "_backlog", "_birth_timer", "_client", "_commands",
-                 "_domains", "_dropped", "_inventory", "_last_error", "_online",
+                 "_domains", "_dropped", "_holding", "_inventory", "_last_error", "_online",
                  "_resync_queued", "_rules", "_rules_loaded", "_stop_listening", "_task",
                  "hosts", "hub", "layout", "rules", "settings")
 
@@ -134,6 +134,8 @@ class MqttBridge:
         self._rules: dict[int, Rule] = {}
         self._rules_loaded = False
         self._attached: dict[int, set[str]] = {}
+        # Per host, what its rules hold as its USB reconciler last read (held()).
+        self._holding: dict[Host, Mapping[int, frozenset[str]]] = {}
         self._inventory = Inventory()  # what the broker holds configs of
         self._stop_listening = hub.listen(self._on_event)
         rules.listeners.append(self._on_rule_change)
@@ -221,6 +223,31 @@ class MqttBridge:
         self._queue(("domain", (key, known is None or known[1].name != entry.name)))
         if power(state) == OFF:  # a stopped domain holds no device
             self._detach(lambda rule, _address: self._rule_key(rule) == key)
+
+    def held(self, host: Host, holding: Mapping[int, frozenset[str]]) -> None:
+        """What the rules of `host` hold, as its USB reconciler's latest pass read it. The
+        events since start miss a device attached before webvirt started, or while libvirt
+        was away; the pass's own attaches and detaches follow as events."""
+        self._holding[host] = holding
+        try:
+            self._apply_holding(host)
+        except Exception:  # a bug must not reach the reconciler
+            log.exception("MQTT: applying what the USB rules hold failed")
+
+    def _apply_holding(self, host: Host) -> None:
+        holding = self._holding.get(host)
+        if holding is None:
+            return
+        for rule in self._rules.values():
+            if self._rule_host(rule) is not host:
+                continue
+            now = set(holding.get(rule.id, ()))
+            if now != self._attached.get(rule.id, set()):
+                if now:
+                    self._attached[rule.id] = now
+                else:
+                    self._attached.pop(rule.id, None)
+                self._queue(("attached", rule.id))
 
     def _apply_attach(self, event: dict[str, Any]) -> None:
         rule = self._rules.get(event["rule"])
@@ -356,6 +383,8 @@ class MqttBridge:
         if not self._rules_loaded:  # from then on the store's listener keeps them
             self._rules = {rule.id: rule for rule in await self.rules.list()}
             self._rules_loaded = True
+            for host in list(self._holding):
+                self._apply_holding(host)
         self._inventory.merge(await self._read_inventory(client))
         await finished(client.subscribe(self.layout.commands, qos=1))
         await finished(client.subscribe(self.layout.home_assistant_status, qos=1))

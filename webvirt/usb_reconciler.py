@@ -133,6 +133,16 @@ def plan(rules: Sequence[Rule], world: UsbWorld,
     return decisions
 
 
+def holdings(rules: Sequence[Rule], world: UsbWorld) -> dict[int, frozenset[str]]:
+    """Pure: each rule's present devices (by address) that its VM holds now, whoever attached
+    them and whether or not the rule is on."""
+    holders = {address: holder.uuid for address, holder in world.held.items()}
+    return {rule.id: frozenset(
+        device["address"] for device in world.devices
+        if holders.get(device["address"]) == rule.domain_uuid and matches(rule.match, device))
+        for rule in rules}
+
+
 def _by_younger_rule(holder: Holder, device: Description, rule: Rule,
                      rules: Sequence[Rule]) -> bool:
     """Whether the holder has the device by a rule younger than `rule` (then it yields it);
@@ -143,8 +153,8 @@ def _by_younger_rule(holder: Holder, device: Description, rule: Rule,
 
 class UsbReconciler:
     __slots__ = ("_attempts", "_pending", "_periodic", "_reported", "_rule_domains",
-                 "_stop_listening", "_task", "_waiting", "first", "host", "hub", "passes",
-                 "rules", "tags")
+                 "_stop_listening", "_task", "_waiting", "first", "holding",
+                 "holding_listeners", "host", "hub", "passes", "rules", "tags")
 
     def __init__(self, host: Host, hub: EventHub, rules: RuleSource | None = None,
                  tags: dict[str, str] | None = None, *, first: bool = True):
@@ -165,6 +175,11 @@ class UsbReconciler:
         self._attempts: dict[tuple[int, str], int] = {}
         self._reported: set[tuple[int, str]] = set()
         self._rule_domains: dict[int, str] = {}  # rule id -> domain UUID, as last read
+        # What each of this host's rules holds, as the latest pass read it (holdings()), and
+        # who wants to know: the MQTT bridge, whose events since start miss what was attached
+        # before webvirt started or while libvirt was away.
+        self.holding: dict[int, frozenset[str]] | None = None  # None: no pass yet
+        self.holding_listeners: list[Callable[[dict[int, frozenset[str]]], None]] = []
         self._stop_listening = hub.listen(self._on_event)
         if rules is not None:
             rules.listeners.append(self._on_rule_change)
@@ -264,12 +279,22 @@ class UsbReconciler:
             return
         rules = self._mine(await self.rules.list())
         self._rule_domains = {r.id: r.domain_uuid for r in rules}
+        self._tell_holding(holdings(rules, world))
         given_up = frozenset(k for k, n in self._attempts.items() if n >= ATTACH_ATTEMPTS)
         for decision in plan(rules, world, given_up):
             if decision.action == "attach":
                 await self._attach(decision)
             elif decision.action == "lost":
                 self._report_loss(decision)
+
+    def _tell_holding(self, holding: dict[int, frozenset[str]]) -> None:
+        """Before this pass acts: its attaches and detaches follow as events."""
+        self.holding = holding
+        for listener in self.holding_listeners:
+            try:
+                listener(holding)
+            except Exception:  # one listener's bug must not stop the pass
+                log.exception("a listener of what the USB rules hold failed")
 
     def _mine(self, rules: Sequence[Rule]) -> list[Rule]:
         """With several hosts, a rule names its domain NAME@HOST: this host's rules, by the
