@@ -132,3 +132,23 @@ async def test_a_call_wakes_the_event_loop_at_most_twice(
     finally:
         done.set()
         await thread
+
+
+def test_a_watch_dropped_after_its_loop_closed_closes_its_duplicate() -> None:
+    """At exit libvirt drops connections after the loop has closed: nothing is left to
+    unwatch, and the duplicate, closed on the loop thread otherwise, kept the socket open
+    (the daemon saw no end of the connection)."""
+    fds_before = open_fds()
+    loop = asyncio.new_event_loop()
+    impl = ThreadSafeImpl(loop)
+    mine, peer = socket.socketpair()
+    watch = impl._add_handle(mine.fileno(), READABLE, lambda *_: None, None)
+    loop.close()
+    dropping = threading.Thread(target=impl._remove_handle, args=(watch,))
+    dropping.start()
+    dropping.join()
+    mine.close()
+    peer.settimeout(5)
+    assert peer.recv(1) == b""  # the end of the connection, seen by the other side
+    peer.close()
+    assert open_fds() == fds_before

@@ -211,3 +211,63 @@ async def test_with_several_hosts_a_reconciler_keeps_to_its_hosts_rules_and_even
     assert not reconciler.idle
     await settled(reconciler)
     await reconciler.close()
+
+
+class GatedHost(FakeHost):
+    """Holds a pass just after it has read the world, until the test opens the gate."""
+
+    def __init__(self, devices: list[dict[str, Any]], running: tuple[Holder, ...]):
+        super().__init__(devices, running)
+        self.gate: asyncio.Event | None = None
+        self.reached = asyncio.Event()
+
+    async def call(self, fn: partial[Any], seconds: float | None = None) -> Any:
+        answer = await super().call(fn, seconds)
+        if fn.func is read_usb_world and self.gate is not None:
+            self.reached.set()
+            await self.gate.wait()
+        return answer
+
+
+async def test_what_the_rules_hold_is_told_unless_a_change_came_after_the_read() -> None:
+    """The MQTT bridge's "attached" sensor takes each pass's reading. A reading taken before a
+    VM stopped, told after the stop's event, turned the sensor back ON."""
+    host = GatedHost([device("1:5")], running=(WIN,))
+    host.held["1:5"] = WIN.uuid
+    hub = EventHub()
+    reconciler = UsbReconciler(host, hub, FakeRules([rule(1, WIN)]))  # type: ignore[arg-type]
+    told: list[dict[int, frozenset[str]]] = []
+    reconciler.holding_listeners.append(told.append)
+    reconciler.wake()
+    await settled(reconciler)
+    assert told == [{1: frozenset({"1:5"})}]
+    host.gate = asyncio.Event()
+    hub.publish("node-device-added", device_type="usb")  # a pass reads: win11 holds 1:5
+    await until(host.reached.is_set, 5, "the pass read the world")
+    del host.running[WIN.uuid]  # then win11 stops
+    hub.publish("state", domain="win11", uuid=WIN.uuid, state="shutoff", previous="running")
+    host.gate.set()
+    await settled(reconciler)
+    assert told == [{1: frozenset({"1:5"})}, {1: frozenset()}]
+    await reconciler.close()
+
+
+async def test_a_device_attached_or_detached_by_hand_is_read_at_once() -> None:
+    """libvirt's device-added and device-removed (the API, virsh) change what the rules hold:
+    a pass reads it then, not at the next periodic one."""
+    host = FakeHost([device("1:5"), device("1:6", "1234:5678")], running=(WIN,))
+    hub = EventHub()
+    reconciler = UsbReconciler(host, hub, FakeRules([rule(1, WIN)]))  # type: ignore[arg-type]
+    other = Rule(2, WIN.domain, WIN.uuid, UsbIdMatch("1234", "5678"), created=2.0,
+                 enabled=False)
+    reconciler.rules.rules.append(other)  # type: ignore[union-attr]
+    told: list[dict[int, frozenset[str]]] = []
+    reconciler.holding_listeners.append(told.append)
+    reconciler.wake()
+    await settled(reconciler)
+    assert told[-1] == {1: frozenset(), 2: frozenset()}  # then rule 1 attached 1:5
+    host.held["1:6"] = WIN.uuid  # attached by hand
+    hub.publish("device-added", domain="win11", uuid=WIN.uuid, device="hostdev1")
+    await settled(reconciler)
+    assert told[-1] == {1: frozenset({"1:5"}), 2: frozenset({"1:6"})}
+    await reconciler.close()

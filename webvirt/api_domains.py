@@ -265,15 +265,13 @@ async def unless_stopping(request: web.Request,
                           waiting: Coroutine[Any, Any, T]) -> T | None:
     """What `waiting` answers, or None once webvirt begins to stop: a request may wait an
     hour for a guest, and aiohttp would hold up the stop for a minute, then cancel it."""
+    hub = request.app[EVENT_HUB]
     task = asyncio.ensure_future(waiting)
-    stopping = asyncio.ensure_future(request.app[EVENT_HUB].stopping.wait())
+    stopping = asyncio.ensure_future(hub.stopping.wait())
     try:
         await asyncio.wait((task, stopping), return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        await cancel_and_wait(task, stopping)
-        raise
-    await cancel_and_wait(stopping)
-    if task.done():
-        return task.result()
-    await cancel_and_wait(task)
-    return None
+        # Both at once: stopping wins, so that a timeout never forces a guest off as
+        # webvirt stops.
+        return None if hub.stopping.is_set() else task.result()
+    finally:
+        await cancel_and_wait(*(t for t in (task, stopping) if not t.done()))

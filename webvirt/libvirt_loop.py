@@ -85,13 +85,19 @@ class _Descriptor(libvirtaio.Descriptor):
     def drop(self) -> None:
         """libvirt removed its last watch of the fd (and may close it at once)."""
         self._gone = True
+        if self.impl.loop.is_closed():  # nothing watches it any more: only close it
+            with self._lock:
+                watched, self._watched = self._watched, -1
+            if watched >= 0:
+                os.close(watched)
+            return
         self.update()
 
     def _apply(self) -> None:
         with self._lock:
             self._scheduled = False
-        if self._watched < 0:
-            return
+            if self._watched < 0:
+                return
         wanted = 0
         if not self._gone:
             # A copy: worker threads add and remove this descriptor's callbacks meanwhile.

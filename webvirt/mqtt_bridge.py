@@ -374,8 +374,9 @@ class MqttBridge:
             log.warning("MQTT: the broker %s refused webvirt's credentials (%s); check the "
                         "user and password; retrying", where, text)
         elif "CERTIFICATE_VERIFY_FAILED" in text:  # ssl's reason, in paho's OSError
-            log.warning("MQTT: the broker %s has a certificate webvirt does not trust (%s); "
-                        "give the CA that signed it with --mqtt-ca; retrying", where, text)
+            log.warning("MQTT: webvirt could not verify the broker %s's certificate (%s); "
+                        "if a CA of your own signed it, give the CA that signed it with "
+                        "--mqtt-ca; retrying", where, text)
         else:
             log.warning("MQTT: broker %s unavailable (%s); reconnecting", where, text)
 

@@ -203,6 +203,8 @@ class UsbReconciler:
             self._fresh_start(lambda key: self._rule_domains.get(key[0]) == event.get("uuid"))
         if ((kind in ("node-device-added", "node-device-removed")
              and event.get("device_type") == "usb")
+                # A device attached or detached by hand (the API, virsh): what rules hold.
+                or kind in ("device-added", "device-removed")
                 or (kind == "connection" and event.get("state") == "restored")
                 # A start wants devices; a stop frees what a younger rule may have now.
                 or kind == "state"
@@ -279,7 +281,8 @@ class UsbReconciler:
             return
         rules = self._mine(await self.rules.list())
         self._rule_domains = {r.id: r.domain_uuid for r in rules}
-        self._tell_holding(holdings(rules, world))
+        if not self._pending:  # else a change came since the read: the next pass tells
+            self._tell_holding(holdings(rules, world))
         given_up = frozenset(k for k, n in self._attempts.items() if n >= ATTACH_ATTEMPTS)
         for decision in plan(rules, world, given_up):
             if decision.action == "attach":
