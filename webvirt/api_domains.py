@@ -30,7 +30,7 @@ from webvirt.schemas import (
     parse_query,
     string_enum,
 )
-from webvirt.tasks import cancel_and_wait
+from webvirt.tasks import arrives, cancel_and_wait
 
 log = logging.getLogger(__name__)
 POWER_ERRORS = error_responses(404, 409, 501, 503, 504)
@@ -250,15 +250,6 @@ async def reboot(request: web.Request) -> web.Response:
         return web.json_response("rebooted" if seen else "rebooting")
     finally:
         watched.cancel()
-
-
-async def arrives(future: asyncio.Future[None], seconds: float) -> bool:
-    try:
-        async with asyncio.timeout(seconds):
-            await future
-        return True
-    except TimeoutError:
-        return False
 
 
 async def unless_stopping(request: web.Request,

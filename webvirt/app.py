@@ -118,12 +118,11 @@ async def mqtt_bridge(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS].mqtt
     assert settings is not None
     app[MQTT_BRIDGE] = bridge = MqttBridge(settings, app[HOSTS], app[EVENT_HUB], app[RULES])
-    listeners = []
-    for reconciler in app[USB_RECONCILERS]:
-        listeners.append((reconciler, partial(bridge.held, reconciler.host)))
-        reconciler.holding_listeners.append(listeners[-1][1])
+    listeners = [(r, partial(bridge.held, r.host)) for r in app[USB_RECONCILERS]]
+    for reconciler, listener in listeners:
+        reconciler.holding_listeners.append(listener)
         if reconciler.holding is not None:  # its first pass came first
-            bridge.held(reconciler.host, reconciler.holding)
+            listener(reconciler.holding)
     bridge.start()
     yield
     for reconciler, listener in listeners:

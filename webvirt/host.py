@@ -42,7 +42,7 @@ from webvirt.host_devices import (
 from webvirt.hub import EventHub
 from webvirt.libvirt_events import LIFECYCLE_DETAILS, LIFECYCLE_EVENTS, STATE_AFTER, register
 from webvirt.libvirt_loop import ensure_event_impl
-from webvirt.tasks import cancel_and_wait
+from webvirt.tasks import arrives, cancel_and_wait
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -312,11 +312,7 @@ class Host:
         re-read on every reconnect, so a change while libvirt was away is seen too."""
         waiter = self.cache.wait_for(entry.uuid, accept)
         try:
-            async with asyncio.timeout(seconds):
-                await waiter
-            return True
-        except TimeoutError:
-            return False
+            return await arrives(waiter, seconds)
         finally:
             waiter.cancel()
 

@@ -86,12 +86,15 @@ class _Descriptor(libvirtaio.Descriptor):
         """libvirt removed its last watch of the fd (and may close it at once)."""
         self._gone = True
         if self.impl.loop.is_closed():  # nothing watches it any more: only close it
-            with self._lock:
-                watched, self._watched = self._watched, -1
-            if watched >= 0:
-                os.close(watched)
-            return
-        self.update()
+            self._close()
+        else:
+            self.update()
+
+    def _close(self) -> None:
+        with self._lock:
+            watched, self._watched = self._watched, -1
+        if watched >= 0:
+            os.close(watched)
 
     def _apply(self) -> None:
         with self._lock:
@@ -106,8 +109,7 @@ class _Descriptor(libvirtaio.Descriptor):
         if wanted != self._applied:
             self._watch(wanted)
         if self._gone:
-            os.close(self._watched)
-            self._watched = -1
+            self._close()
 
     def _watch(self, wanted: int) -> None:
         loop, fd = self.impl.loop, self._watched

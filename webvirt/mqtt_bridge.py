@@ -95,7 +95,6 @@ command_log.addFilter(Throttled(LOG_EVERY_S))
 client_log.addFilter(Throttled(LOG_EVERY_S))
 
 
-
 async def finished(operation: Awaitable[T]) -> T:
     """Awaits an aiomqtt operation, and then a cancel that came as it completed. aiomqtt waits
     with asyncio.wait_for, which before Python 3.12 drops such a cancel (CPython gh-86296):
@@ -106,6 +105,7 @@ async def finished(operation: Awaitable[T]) -> T:
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
     return result
+
 
 class MqttBridge:
     __slots__ = ("_attached", "_backlog", "_birth_timer", "_client", "_commands",

@@ -8,6 +8,16 @@ import logging
 log = logging.getLogger(__name__)
 
 
+async def arrives(future: asyncio.Future[None], seconds: float) -> bool:
+    """Whether the future completes within `seconds` (it is cancelled if not)."""
+    try:
+        async with asyncio.timeout(seconds):
+            await future
+        return True
+    except TimeoutError:
+        return False
+
+
 async def cancel_and_wait(*tasks: asyncio.Task[object] | None) -> None:
     """Cancels the tasks and waits until each has ended. An error one ends with instead is
     logged, not raised: the caller asked for it to stop, not for its outcome.
