@@ -11,7 +11,7 @@ import json
 import logging
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -314,11 +314,15 @@ async def test_metrics_are_labelled_by_host(several: TestClient) -> None:
 async def test_webvirts_libvirt_counters_are_labelled_by_host(several: TestClient) -> None:
     """Which host's calls are slow, which host's connection keeps coming back."""
     b = several.app[HOSTS].get("b")
+    released = threading.Event()
     async with several.ws_connect("/api/0/events?type=connection") as ws:
         await next_message(ws, is_type("snapshot"))
-        with pytest.raises(ApiError):  # a stuck call on b: lost, then reconnected
-            await b.call(lambda _conn: time.sleep(0.5), seconds=0.05)
-        await next_message(ws, lambda m: m.get("state") == "restored")
+        try:
+            with pytest.raises(ApiError):  # a stuck call on b: lost, then reconnected
+                await b.call(lambda _conn: released.wait(30), seconds=0.05)
+            await next_message(ws, lambda m: m.get("state") == "restored")
+        finally:
+            released.set()
     families = {f.name: f for f in text_string_to_metric_families(
         await (await several.get("/metrics")).text())}
     reconnects = {s.labels["host"]: s.value for s in families["webvirt_libvirt_reconnects"].samples

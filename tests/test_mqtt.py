@@ -582,6 +582,20 @@ async def test_a_device_the_vm_held_already_is_on(make_client: ClientFactory, br
         await mqtt.wait(layout.attached(LINUX, rule), "ON")
 
 
+async def test_a_rule_made_before_webvirt_started_is_on_for_a_device_held_already(
+        make_client: ClientFactory, broker: Broker, tmp_path: Path) -> None:
+    """The reconciler's first pass can come before the bridge has its rules (or exists): what
+    it read is applied once they are loaded, not at the pass 30 s later."""
+    uri = holding_host(tmp_path)
+    first = await make_client(uri=uri)
+    rule = await add_rule(first, "linux-dev")
+    await first.close()
+    layout = fresh_layout()
+    async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
+        await make_client(uri=uri, mqtt=settings_for(broker, layout))  # same state folder
+        await mqtt.wait(layout.attached(LINUX, rule), "ON")
+
+
 async def test_changes_while_the_broker_is_away_are_published_on_reconnect(
         make_client: ClientFactory, tmp_path: Path) -> None:
     """The model follows libvirt while the broker is away: the device of a domain destroyed
@@ -798,7 +812,7 @@ async def test_refused_credentials_are_a_warning_after_a_reconnect(
         broker.stop()
 
 
-# 9. Cancellation
+# 11. Cancellation
 
 async def test_a_cancel_that_comes_as_a_publish_completes_is_not_lost() -> None:
     """aiomqtt waits for a PUBACK with asyncio.wait_for, which on Python 3.11 drops a cancel
@@ -821,7 +835,7 @@ async def test_a_cancel_that_comes_as_a_publish_completes_is_not_lost() -> None:
     assert after == []
 
 
-# 7. mqtts://
+# 12. mqtts://
 
 # paho closes no socket whose TLS handshake failed (paho/mqtt/client.py, _ssl_wrap_socket): it
 # is closed, with a ResourceWarning, once the error that holds it is freed, at each attempt.
