@@ -23,6 +23,9 @@ from tests.waiting import until_sync
 from webvirt.app import create_app
 from webvirt.config import Settings
 
+# pytester: tests/test_time_limit.py runs small suites of its own.
+pytest_plugins = ["pytester", "tests.time_limit"]
+
 DEMO_HOST_URI = f"test://{REPO / 'demo' / 'host.xml'}"
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
@@ -186,6 +189,10 @@ def usb_lab_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     per machine), then it boots (about 35 s)."""
     if os.environ.get("WEBVIRT_SKIP_USB_LAB") == "1":
         pytest.skip("WEBVIRT_SKIP_USB_LAB=1")
+    from tests import time_limit  # a plugin of this file's: imported once pytest has loaded it
+
+    # Each step is bounded by the lab itself (the build by its tools, the boot by BOOT_SECONDS).
+    time_limit.allow(600, "building the USB lab's image (once per machine) and booting it")
     try:
         lab = Lab.up(tmp_path_factory.mktemp("usb-lab"), tied=True)
     except LabError as err:

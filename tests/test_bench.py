@@ -28,6 +28,7 @@ QEMU_ROWS = ("state by libvirt RPC (real QEMU daemon)", "state from the event-fe
                for how in ("running", "frozen (and asked)")))
 
 
+@pytest.mark.time_limit(300)  # its own timeout bounds it
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="bench/run.py needs wrk (apt-get "
                     "install wrk)")
 def test_bench_smoke_run_prints_every_row() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import time_limit
 from tests.conftest import DEMO_HOST_URI, REPO
 from tests.processes import free_port, wait_until_serving
 
@@ -19,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    time_limit.allow(600, "building the single-file executable (about a minute)")
     work = tmp_path_factory.mktemp("pyinstaller")
     pyinstaller = Path(sys.executable).parent / "pyinstaller"
     subprocess.run(

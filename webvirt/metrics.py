@@ -237,3 +237,26 @@ class Scrape:
     def collect(self) -> Iterable[Metric]:
         yield from host_families(self._samples)
         yield from self._metrics.collect()
+
+    def restricted_registry(self, names: Iterable[str]) -> Restricted:
+        """What prometheus-client's handler asks for when a scrape names samples (`name[]`)."""
+        return Restricted(self, frozenset(names))
+
+
+class Restricted:
+    """A scrape's samples with these names only, as prometheus-client's RestrictedRegistry
+    gives them (its registry needs collectors that describe themselves beforehand)."""
+
+    __slots__ = ("_names", "_scrape")
+
+    def __init__(self, scrape: Scrape, names: frozenset[str]):
+        self._scrape = scrape
+        self._names = names
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self._scrape.collect():
+            samples = [s for s in family.samples if s.name in self._names]
+            if samples:
+                restricted = Metric(family.name, family.documentation, family.type, family.unit)
+                restricted.samples = samples
+                yield restricted
