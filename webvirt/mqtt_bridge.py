@@ -41,6 +41,7 @@ from webvirt.host import Host
 from webvirt.hosts import Hosts, split_ref
 from webvirt.hub import EventHub
 from webvirt.log_throttle import Throttle, Throttled
+from webvirt.mqtt_client import Client
 from webvirt.mqtt_discovery import (
     OFF,
     OFFLINE,
@@ -326,13 +327,13 @@ class MqttBridge:
 
     # The connection.
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self) -> Client:
         settings = self.settings
         tls = None
         if settings.tls:
             ca_file = str(settings.ca_file) if settings.ca_file else None
             tls = ssl.create_default_context(cafile=ca_file)
-        return aiomqtt.Client(
+        return Client(
             settings.host, settings.port, username=settings.username,
             password=settings.password,
             identifier=f"webvirt-{secrets.token_hex(4)}",
