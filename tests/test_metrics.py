@@ -381,3 +381,16 @@ async def test_openmetrics_when_asked(client: TestClient) -> None:
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("application/openmetrics-text")
     assert (await response.text()).endswith("# EOF\n")
+
+
+async def test_name_parameters_pick_samples_as_prometheus_client_does(client: TestClient) -> None:
+    # What Prometheus sends for a scrape config's `params: {"name[]": [...]}`.
+    response = await client.get("/metrics?name[]=libvirt_up"
+                                "&name[]=webvirt_event_clients")
+    assert response.status == 200, await response.text()
+    samples = parse(await response.text())
+    assert set(samples) == {"libvirt_up", "webvirt_event_clients"}
+    assert samples["libvirt_up"] == {(): 1.0}
+    nothing = await client.get("/metrics?name[]=no_such_metric")
+    assert nothing.status == 200
+    assert parse(await nothing.text()) == {}
