@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp_apigami import docs, match_info_schema, querystring_schema
 
-from webvirt import device_xml, domain_stats, domains
+from webvirt import deadline, device_xml, domain_stats, domains
 from webvirt.actions import Operation, perform
 from webvirt.appkeys import EVENT_HUB, HOSTS
 from webvirt.domain_cache import DomainEntry
@@ -202,6 +202,7 @@ async def shutdown(request: web.Request) -> web.Response:
         return web.json_response(result)
     # On the cache, not on events: a guest that stopped while libvirt was away is seen off
     # by the re-read after the reconnect.
+    deadline.extend(query["timeout"])
     stopped = await unless_stopping(request, host.wait_for_state(
         entry, lambda state: state in (None, "shutoff"), query["timeout"]))
     if stopped is None:  # webvirt is stopping: nothing confirmed, and nothing forced off
@@ -244,6 +245,7 @@ async def reboot(request: web.Request) -> web.Response:
 
     # Watching starts first, so a fast reboot event is not missed.
     watched = request.app[EVENT_HUB].watch(rebooted)
+    deadline.extend(query["timeout"])
     try:
         await run_action(request, "reboot", domains.reboot, target=(host, entry))
         seen = await unless_stopping(request, arrives(watched, query["timeout"]))

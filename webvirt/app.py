@@ -52,7 +52,7 @@ from webvirt.config import Settings
 from webvirt.hosts import Hosts, HostSpec, default_name
 from webvirt.hub import EventHub
 from webvirt.metrics import Metrics
-from webvirt.middlewares import json_errors
+from webvirt.middlewares import json_errors, request_budget, streams
 from webvirt.mqtt_bridge import MqttBridge
 from webvirt.openapi import setup_openapi
 from webvirt.rules_store import RuleStore
@@ -191,7 +191,7 @@ def setup_routes(app: web.Application) -> None:
     router.add_get("/api/0/templates", reads(list_templates), allow_head=False)
     router.add_get("/api/0/host/devices", reads(host_devices), allow_head=False)
     router.add_get("/api/0/hosts", reads(list_hosts), allow_head=False)
-    router.add_get("/api/0/events", reads(events), allow_head=False)
+    router.add_get("/api/0/events", reads(streams(events)), allow_head=False)
     router.add_get("/api/0/rules", reads(list_rules), allow_head=False)
     router.add_post("/api/0/rules", create_rule)
     router.add_get("/api/0/rules/{id}", reads(get_rule), allow_head=False)
@@ -204,7 +204,8 @@ def setup_routes(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
-    app = web.Application(middlewares=[json_errors, guard.middleware])
+    app = web.Application(middlewares=[json_errors, request_budget(settings.call_timeout),
+                                       guard.middleware])
     app[SETTINGS] = settings
     app[EVENT_HUB] = hub = EventHub(settings.replay_events)
     specs = settings.hosts or (HostSpec(default_name(settings.uri), settings.uri),)
@@ -212,7 +213,7 @@ def create_app(settings: Settings) -> web.Application:
                                reconcile_s=settings.reconcile_s)
     app[HOST] = hosts.default
     app[TEMPLATES] = TemplateStore(settings.devices_dir)
-    app[RULES] = RuleStore(settings.state_dir)
+    app[RULES] = RuleStore(settings.state_dir, settings.call_timeout)
     app[METRICS] = Metrics(hub, hosts)
     # One sampler per host: each reads its own host at its own pace.
     app[USAGE] = [UsageSampler(host, hub, settings.stats_interval_s) for host in hosts]

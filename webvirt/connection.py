@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import libvirt
 
+from webvirt import deadline
 from webvirt.errors import CallTimeout, Unavailable
 
 log = logging.getLogger(__name__)
@@ -97,14 +98,24 @@ class Connection:
         self.pending -= 1
 
     async def _await(self, future: Future[T], seconds: float | None) -> T:
+        limit, budget = deadline.within(seconds)
         try:
-            async with asyncio.timeout(seconds):
+            async with asyncio.timeout(limit):
                 return await asyncio.wrap_future(future)
         except TimeoutError:
-            # The thread is stuck in that call: nothing more may queue behind it.
-            self.retire(f"no answer within {seconds:g} s")
+            # Not started yet: it never will be (an action is not done after its request
+            # was told it failed).
+            begun = not future.cancel()
+            if budget is None:
+                # The thread is stuck in that call: nothing more may queue behind it.
+                self.retire(f"no answer within {seconds:g} s")
+                raise CallTimeout(
+                    f"libvirt did not answer within {seconds:g} s (is the daemon stuck?)"
+                ) from None
             raise CallTimeout(
-                f"libvirt did not answer within {seconds:g} s (is the daemon stuck?)"
+                f"libvirt did not answer in the time this request has ({budget.seconds:g} s "
+                f"in all, --call-timeout); "
+                + ("the call may still complete" if begun else "the call was not made")
             ) from None
 
     def retire(self, reason: str) -> None:

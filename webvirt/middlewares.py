@@ -1,15 +1,25 @@
-"""Every error leaves as JSON: {"detail": ..., "code": ..., "status": ...}."""
+"""Every error leaves as JSON ({"detail": ..., "code": ..., "status": ...}), and every request
+but an event stream answers within its time."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import TypeVar
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
+from webvirt import deadline
 from webvirt.errors import ApiError
 
 log = logging.getLogger(__name__)
+H = TypeVar("H")
+# Set by streams() on the handlers of event streams, which have no time budget.
+STREAMS_ATTR = "webvirt_streams"
+# After a request's time, what its named waits need to answer (504 naming what they waited
+# for); a request still going then waits for something that has no bound (a bug).
+MARGIN_S = 2.0
 
 
 def error_body(status: int, code: str, detail: str) -> web.Response:
@@ -36,3 +46,37 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         # A bug, not bad input: say so in the log with the traceback, and in JSON to the client.
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_body(500, "internal_error", "internal server error; see the server log")
+
+
+def streams(handler: H) -> H:
+    """Marks a route's handler as an event stream: it answers for as long as it is wanted."""
+    setattr(handler, STREAMS_ATTR, True)
+    return handler
+
+
+def request_budget(seconds: float) -> Middleware:
+    """Each request gets `seconds` (--call-timeout) for all its waits together
+    (webvirt/deadline.py): each names what it waited for when that runs out. An explicit wait
+    (?wait) adds its own time."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if getattr(request.match_info.handler, STREAMS_ATTR, False):
+            return await handler(request)
+        began = asyncio.get_running_loop().time()
+        with deadline.budget(seconds) as budget:
+            budget.margin = MARGIN_S
+            budget.timeout = timeout = asyncio.timeout(seconds + MARGIN_S)
+            try:
+                async with timeout:
+                    return await handler(request)
+            except TimeoutError:
+                if not timeout.expired():
+                    raise  # the handler's own
+        waited = round(asyncio.get_running_loop().time() - began)
+        log.error("%s %s was still waiting after %g s, for something that has no bound "
+                  "(a bug)", request.method, request.path, waited)
+        raise ApiError(f"webvirt did not answer within {waited:g} s; see its log",
+                       status=504, code="request_timeout")
+
+    return middleware

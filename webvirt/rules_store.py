@@ -13,12 +13,13 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from webvirt import deadline
 from webvirt.errors import ApiError
 from webvirt.rules import Rule, RuleError, RuleSpec, UsbIdMatch, parse_match
 
@@ -64,9 +65,15 @@ class StoreFailed(ApiError):
     code = "rule_store_failed"
 
 
+class StoreTimeout(ApiError):
+    status = 504
+    code = "rule_store_timeout"
+
+
 class RuleStore:
-    def __init__(self, state_dir: Path):
+    def __init__(self, state_dir: Path, timeout: float = 30.0):
         self.path = state_dir / FILE_NAME
+        self.timeout = timeout  # seconds a request waits for the store's thread
         self.listeners: list[Listener] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webvirt-rules")
         self._db: sqlite3.Connection | None = None
@@ -112,15 +119,28 @@ class RuleStore:
         return "; ".join(str(row[0]) for row in rows)
 
     async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, partial(function, *args))
+        job = self._executor.submit(partial(function, *args))
+        return await self._bounded(job, asyncio.wrap_future(job), "read the rules")
 
     async def _write(self, change: Change, write: Callable[[], Rule | None]) -> Rule | None:
-        done = asyncio.get_running_loop().run_in_executor(self._executor, write)
+        job = self._executor.submit(write)
+        done = asyncio.wrap_future(job)
         # Listeners hear of a committed write even when the request that asked for it is
         # cancelled meanwhile (the client left): the write goes on, so must the news of it.
         done.add_done_callback(partial(self._notify, change))
-        return await asyncio.shield(done)
+        return await self._bounded(job, asyncio.shield(done), "save the change")
+
+    async def _bounded(self, job: Future[Any], done: Awaitable[T], what: str) -> T:
+        """What the store's thread answers, within the request's time (a stuck disk, or a
+        write behind one, must not hold a request for ever)."""
+        limit, _budget = deadline.within(self.timeout)
+        try:
+            async with asyncio.timeout(limit):
+                return await done
+        except TimeoutError:
+            outcome = "it was not done" if job.cancel() else "it may still be done"
+            raise StoreTimeout(f"the rule store ({self.path}) could not {what} within "
+                               f"{limit:g} s; {outcome}") from None
 
     def _notify(self, change: Change, done: asyncio.Future[Rule | None]) -> None:
         if done.cancelled() or done.exception() is not None or done.result() is None:
