@@ -78,6 +78,7 @@ class Host:
         # and its removal must not overtake that.
         self._device_events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._devices_lock = asyncio.Lock()
+        self._devices_read = False  # a baseline to tell changes against
         self.connected = False
         self.reconnects = 0
         # libvirt's and the hypervisor's versions, read at each connect (GET /api/0/hosts).
@@ -164,7 +165,7 @@ class Host:
                 self.call_timeout)
             self.versions = await events.call(read_versions, self.call_timeout)
             await self._resync()
-            await self._resync_devices(tell=self._ever_connected)
+            await self._resync_devices()
         except BaseException:
             for connection in connections:
                 connection.retire("could not set up")
@@ -368,8 +369,11 @@ class Host:
         if reported(description):
             self.publish(kind, **event_fields(description))
 
-    async def _resync_devices(self, tell: bool) -> None:
-        """Re-read every node device; after an outage, tell what came and went meanwhile."""
+    async def _resync_devices(self) -> None:
+        """Re-read every node device; after an outage, tell what came and went meanwhile. The
+        first read is the baseline, even when the host connects late (away at start-up): its
+        devices did not come, they were there."""
+        tell = self._devices_read
         async with self._devices_lock:
             try:
                 descriptions = await self.call(partial(read_node_devices, local=self.local))
@@ -379,6 +383,7 @@ class Host:
                 log.info("host devices unavailable%s: %s", self.said, err.detail)
                 return
             added, removed = self.devices.replace_all(descriptions)
+            self._devices_read = True
         if tell:
             for description in removed:
                 self._tell_device("node-device-removed", description)
