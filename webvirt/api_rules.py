@@ -76,7 +76,7 @@ def found(rule: Rule | None, request: web.Request) -> Rule:
     summary="List USB rules",
     description="Every rule, by id.",
     responses={200: {"description": "Rules", "schema": UsbRule(many=True)},
-               **error_responses(503)},
+               **error_responses(503, 504)},
 )
 async def list_rules(request: web.Request) -> web.Response:
     rules = await request.app[RULES].list()
@@ -87,7 +87,7 @@ async def list_rules(request: web.Request) -> web.Response:
     tags=["rules"],
     summary="Get a USB rule",
     responses={200: {"description": "The rule", "schema": UsbRule},
-               404: RULE_NOT_FOUND, **error_responses(503)},
+               404: RULE_NOT_FOUND, **error_responses(503, 504)},
 )
 @match_info_schema(RulePath)
 async def get_rule(request: web.Request) -> web.Response:
@@ -127,7 +127,7 @@ async def replace_rule(request: web.Request) -> web.Response:
 @docs(
     tags=["rules"],
     summary="Delete a USB rule",
-    responses={204: {"description": "Deleted"}, 404: RULE_NOT_FOUND, **error_responses(503)},
+    responses={204: {"description": "Deleted"}, 404: RULE_NOT_FOUND, **error_responses(503, 504)},
 )
 @match_info_schema(RulePath)
 async def delete_rule(request: web.Request) -> web.Response:
