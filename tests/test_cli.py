@@ -81,6 +81,23 @@ def test_a_state_folder_that_cannot_be_used_is_a_one_line_error(
     assert lines[0].startswith(f"webvirt: error: {reason.format(state)}")
 
 
+def test_a_second_webvirt_on_the_same_state_folder_says_which_process_has_it(
+        tmp_path: Path) -> None:
+    port = free_port()
+    first = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/0/version", first)
+        result = webvirt("--connect", DEMO_HOST_URI, "--port", str(free_port()),
+                         state_dir=tmp_path)
+    finally:
+        first.terminate()
+        first.communicate(timeout=10)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"webvirt: error: the state folder {tmp_path} is in use by another webvirt (process "
+        f"{first.pid}); give each webvirt a --state-dir of its own"]
+
+
 def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path / "state")

@@ -4,6 +4,7 @@ schema is versioned, and listeners hear of every committed write."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import subprocess
 import sys
@@ -159,3 +160,19 @@ async def test_nothing_is_heard_of_a_change_to_no_rule(store: RuleStore) -> None
     assert await store.replace(7, RuleSpec("win11", PortMatch("1-4")), "uuid") is None
     assert await store.delete(7) is None
     assert heard == []
+
+
+async def test_one_store_per_state_folder_and_the_second_says_who_has_it(
+        tmp_path: Path) -> None:
+    store = RuleStore(tmp_path)
+    await store.open()
+    second = RuleStore(tmp_path)
+    with pytest.raises(StoreFailed) as refused:
+        await second.open()
+    assert refused.value.detail == (
+        f"the state folder {tmp_path} is in use by another webvirt (process {os.getpid()}); "
+        "give each webvirt a --state-dir of its own")
+    await store.close()
+    third = RuleStore(tmp_path)
+    await third.open()  # free again once the first has closed
+    await third.close()

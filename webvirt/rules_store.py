@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FILE_NAME = "rules.sqlite3"
+LOCK_NAME = "webvirt.lock"  # held by the webvirt that uses the folder; holds its process id
 Change = Literal["added", "updated", "deleted"]
 # Called on the event loop after a committed write, with the rule as it is now (as it was,
 # for "deleted"). Must not block.
@@ -77,6 +80,7 @@ class RuleStore:
         self.listeners: list[Listener] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="webvirt-rules")
         self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
 
     async def open(self) -> None:
         """Create the state folder (mode 0700) and the database if need be, and bring its
@@ -170,14 +174,42 @@ class RuleStore:
             raise StoreFailed(f"cannot open {self.path}: {err} (can webvirt write to "
                               f"{self.path.parent}?)") from None
         try:
+            self._lock_fd = self._lock()
             self._prepare(db)
         except sqlite3.Error as err:
             db.close()
+            self._unlock()
             raise StoreFailed(f"cannot use {self.path}: {err}") from None
         except StoreFailed:
             db.close()
+            self._unlock()
             raise
         self._db = db
+
+    def _lock(self) -> int:
+        """One webvirt per state folder: a second one would act on the same rules, and hear
+        nothing of the first one's changes. The lock goes with the process, however it ends."""
+        path = self.path.parent / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise StoreFailed(f"cannot open {path}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreFailed(f"the state folder {self.path.parent} is in use by another "
+                              f"webvirt (process {holder}); give each webvirt a --state-dir "
+                              "of its own") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _prepare(self, db: sqlite3.Connection) -> None:
         # WAL: a write appends to the log, so a crash mid-write (even mid-fsync) leaves the
@@ -212,6 +244,7 @@ class RuleStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        self._unlock()
 
     def _query(self, sql: str, parameters: tuple[Any, ...]) -> Rows:
         if self._db is None:
