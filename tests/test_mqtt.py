@@ -33,7 +33,8 @@ from webvirt.appkeys import EVENT_HUB, HOST
 from webvirt.config import MqttSettings, MqttUrlError, mqtt_settings
 from webvirt.errors import ApiError
 from webvirt.hosts import HostSpec
-from webvirt.mqtt_discovery import Layout
+from webvirt.log_throttle import Throttled
+from webvirt.mqtt_discovery import Inventory, Layout
 
 WIN11 = "6b1e5c2a-0d7e-4c55-9a52-3f1d0a9c1111"
 LINUX = "6b1e5c2a-0d7e-4c55-9a52-3f1d0a9c2222"
@@ -303,7 +304,8 @@ async def test_a_retained_command_is_not_obeyed(make_client: ClientFactory,
         await mqtt.publish(layout.command(WIN11), "nonsense")
         await mqtt.wait(layout.error(WIN11), lambda _: True, after=mark)
         assert await (await client.get("/api/0/state/win11")).json() == "shut off"
-        await mqtt.publish(layout.command(WIN11), b"", retain=True)
+        # Removed from the broker: it comes at no later connect.
+        await mqtt.wait(layout.command(WIN11), b"")
 
 
 # 5. The broker goes away and comes back
@@ -586,13 +588,13 @@ async def test_a_rule_made_before_webvirt_started_is_on_for_a_device_held_alread
         make_client: ClientFactory, broker: Broker, tmp_path: Path) -> None:
     """The reconciler's first pass can come before the bridge has its rules (or exists): what
     it read is applied once they are loaded, not at the pass 30 s later."""
-    uri = holding_host(tmp_path)
-    first = await make_client(uri=uri)
+    uri, state = holding_host(tmp_path), tmp_path / "kept"
+    first = await make_client(uri=uri, state_dir=state)
     rule = await add_rule(first, "linux-dev")
     await first.close()
     layout = fresh_layout()
     async with Subscriber(broker.port, f"{layout.prefix}/#") as mqtt:
-        await make_client(uri=uri, mqtt=settings_for(broker, layout))  # same state folder
+        await make_client(uri=uri, state_dir=state, mqtt=settings_for(broker, layout))
         await mqtt.wait(layout.attached(LINUX, rule), "ON")
 
 
@@ -863,3 +865,112 @@ async def test_mqtts_trusts_the_ca_it_is_given_and_no_other(
             await mqtt.wait(layout.state(LINUX), "running")
     finally:
         broker.stop()
+
+
+# 13. What the broker holds is not to be trusted
+
+GONE = "6b1e5c2a-0d7e-4c55-9a52-3f1d0a9c9999"  # a VM undefined while webvirt was away
+
+
+async def test_a_bad_retained_inventory_is_dropped_and_the_rest_used(
+        make_client: ClientFactory, broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    """Anyone who may publish under the prefix could retain an inventory naming "+": the
+    bridge published to webvirt/+/state at every connect, aiomqtt refused it, and the bridge
+    reconnected for ever (no status, no states, no commands)."""
+    caplog.set_level("INFO", "webvirt.mqtt_bridge")
+    layout = fresh_layout()
+    bad = {"domains": {"+": "local", "#": "local", "a/b": "local", "": "local", "x\0": "local",
+                       f"a-{GONE}": 7, f"b-{GONE}": "+", GONE: "local", f"old-{GONE}": "old"},
+           "rules": [["+", 1], [GONE, "2"], [GONE, True], [GONE, 2**70], [GONE, 3]]}
+    async with Subscriber(broker.port, f"{layout.prefix}/#",
+                          f"{layout.discovery_prefix}/#") as mqtt:
+        await mqtt.publish(layout.inventory, json.dumps(bad), retain=True)
+        await make_client(mqtt=settings_for(broker, layout))
+        await mqtt.wait(layout.status, "online")
+        await mqtt.wait(layout.config("switch", WIN11, "power"), lambda p: bool(p))
+        await mqtt.wait(layout.state(LINUX), "running")
+        # Its valid entries are used: what they list and is gone is removed.
+        for topic in (layout.config("switch", GONE, "power"), layout.state(GONE),
+                      layout.rule_config_topic(GONE, 3),
+                      layout.config("switch", f"old-{GONE}", "power")):
+            await mqtt.wait(topic, b"")
+        # Cleaned on the broker: the next connect finds nothing to drop.
+        await mqtt.wait(layout.inventory, lambda p: json.loads(p or "null") == {
+            "domains": {uuid: "local" for uuid in sorted(DEMO)}, "rules": []})
+        mark = mqtt.mark()
+        await mqtt.publish(layout.command(WIN11), "ON")
+        await mqtt.wait(layout.state(WIN11), "running", after=mark)
+    lines = [r for r in caplog.records if r.name.startswith("webvirt.mqtt_bridge")]
+    warnings = [r.getMessage() for r in lines if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "'+'" in warnings[0] and "'x\\x00'" in warnings[0], warnings
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in lines].count(
+        f"MQTT: connected to 127.0.0.1:{broker.port} (topics under {layout.prefix}/)") == 1
+
+
+def test_an_inventory_keeps_only_what_webvirt_can_have_written() -> None:
+    several = f"a.b_c-{WIN11}"
+    good = {"domains": {WIN11: "local", several: "a.b_c"},
+            "rules": [[WIN11, 1], [several, 2**63 - 1]]}
+    inventory, dropped = Inventory.load(json.dumps(good).encode())
+    assert inventory == Inventory(good["domains"], {(WIN11, 1), (several, 2**63 - 1)})
+    assert dropped == [] and Inventory.load(inventory.payload().encode()) == (inventory, [])
+    # What no webvirt makes: no topic level, or not a key (UUID, HOST-UUID) at all.
+    keys = ["+", "#", "/", "", "\0", "x" * 10_000, WIN11.upper(), WIN11[:-1], f"{WIN11}/x",
+            f"+-{WIN11}", f"{'h' * 65}-{WIN11}", f"a/b-{WIN11}"]
+    mixed = {"domains": {**dict.fromkeys(keys, "local"), WIN11: "local", LINUX: 7,
+                         MEDIA: "+", GONE: None},
+             "rules": [*([key, 1] for key in keys),
+                       *([GONE, rule] for rule in ("1", True, 0, -1, 2**63, 1.0, None)),
+                       [GONE], [GONE, 1, 2], "x", None, {}, [GONE, 5]]}
+    inventory, dropped = Inventory.load(json.dumps(mixed).encode())
+    assert inventory == Inventory({WIN11: "local"}, {(GONE, 5)})
+    assert len(dropped) == 2 * len(keys) + 3 + 7 + 5
+    assert all(len(what) < 100 for what in dropped), dropped
+    # Not an inventory at all: nothing is used, and that is said.
+    for payload in (b"[" * 100_000, b"\xff", b"null", b"[]", b'{"domains": [], "rules": {}}'):
+        inventory, dropped = Inventory.load(payload)
+        assert inventory == Inventory() and dropped, payload[:20]
+    assert Inventory.load(b"") == (Inventory(), [])  # a removed inventory: nothing to say
+
+
+async def test_a_command_topic_too_long_for_its_error_topic_is_ignored(
+        bridged: Bridged, caplog: pytest.LogCaptureFixture) -> None:
+    """PREFIX/REF/error is two bytes longer than PREFIX/REF/set: for the longest topic there
+    is, publishing the error failed in the command's task (ValueError, a traceback)."""
+    layout, mqtt = bridged.layout, bridged.mqtt
+    longest = "x" * (65535 - len(layout.command("")))
+    mark = mqtt.mark()
+    await command(bridged, longest, "nonsense")
+    # In order: once a later command is answered, the long one was read.
+    await command(bridged, WIN11, "nonsense")
+    await error_after(bridged, WIN11, mark)
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+
+
+async def test_a_command_retained_while_webvirt_is_connected_is_not_obeyed(
+        bridged: Bridged, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """MQTT 3.1.1 gives a message published with retain to the subscribers already there
+    without the flag: the bridge took a retained command for a live one, and obeyed it."""
+    # A fresh throttle: another test's line within LOG_EVERY_S would hold this one back.
+    monkeypatch.setattr(mqtt_bridge.command_log, "filters",
+                        [Throttled(mqtt_bridge.LOG_EVERY_S)])
+    caplog.set_level("WARNING", "webvirt.mqtt_bridge")
+    layout, mqtt, client = bridged.layout, bridged.mqtt, bridged.client
+    host = client.app[HOST]
+    mark = mqtt.mark()
+    # A start the bridge tried would be refused at once (409), on the error topic, in order.
+    with host.exclusive(await host.resolve("win11")):
+        await mqtt.publish(layout.command(WIN11), "ON", retain=True)
+        await command(bridged, WIN11, "REBOOT")
+        refused = await error_after(bridged, WIN11, mark)
+    assert (refused["action"], refused["error"]) == ("reboot", "operation_in_progress")
+    assert "ignored a retained command" in caplog.text
+    # Removed from the broker (so that it comes at no later connect), and not obeyed.
+    await mqtt.wait(layout.command(WIN11), b"", after=mark)
+    assert layout.command(WIN11) not in await retained(bridged.mqtt_port, layout.command(WIN11))
+    assert await (await client.get("/api/0/state/win11")).json() == "shut off"
+    # The bridge still listens.
+    await command(bridged, WIN11, "ON")
+    await mqtt.wait(layout.state(WIN11), "running", after=mark)

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     from webvirt.hosts import HostSpec
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# A libvirt host's name in webvirt (--connect NAME=URI): it goes into topics and ids too.
+HOST_NAME = r"[A-Za-z0-9._-]{1,64}"
 
 
 def default_static_dir() -> Path:

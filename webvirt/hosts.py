@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from webvirt.config import HOST_NAME
 from webvirt.domain_cache import DomainEntry
 from webvirt.errors import ApiError, Conflict, NotFound
 from webvirt.host import Host
@@ -23,7 +24,7 @@ from webvirt.hub import EventHub
 
 log = logging.getLogger(__name__)
 
-NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+NAME_PATTERN = rf"^{HOST_NAME}$"
 _NAME = re.compile(NAME_PATTERN)
 # At start-up with several hosts, how long to wait for them all before serving; one still
 # connecting (a frozen daemon) goes on in the background.

@@ -16,7 +16,8 @@ and is gone (a VM undefined, a rule deleted while webvirt or the broker was away
 
 Whoever can publish to PREFIX/+/set controls the VMs, like a holder of the API token: secure
 the broker (credentials, ACLs). The bridge reacts to its own command topics and to Home
-Assistant's birth message, nothing else.
+Assistant's birth message, nothing else, and never obeys a retained command (MQTT 5 tells
+them apart). No topic it publishes is made of what the broker sent unchecked.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiomqtt
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from webvirt import domains
 from webvirt.actions import Operation, perform
@@ -78,17 +80,21 @@ STOP_PUBLISH_S = 2.0
 # Home Assistant asks to wait a little after its birth: the births of a burst are one publish.
 RESYNC_DELAY_S = 0.5
 INVENTORY_WAIT_S = 5.0  # for the broker's echo at connect (PREFIX/inventory has arrived)
+DROPPED_SHOWN = 5  # entries of a bad inventory named in the warning (it may hold thousands)
 LOG_EVERY_S = 10.0  # at most one line per this time for a warning a flood repeats
 DROPPED_ERROR_EVERY_S = 1.0  # and one error message for dropped commands
-# Connection refused for the user or password: MQTT 3.1.1's 4 and 5, MQTT 5's 134 and 135.
-REFUSED_CREDENTIALS = frozenset({4, 5, 134, 135})
+# Connection refused for the user or password: MQTT 5's 134 and 135.
+REFUSED_CREDENTIALS = frozenset({134, 135})
+# MQTT 5's Retain As Published: a command published retained arrives retained also to a
+# subscriber connected already (MQTT 3.1.1 clears the flag then, and the bridge obeyed it).
+COMMAND_SUBSCRIPTION = SubscribeOptions(qos=1, retainAsPublished=True)
 # The hub events that change what is published.
 WANTED = frozenset({"lifecycle", "state", "connection", "rule", "detach",
                     "node-device-removed"})
 
 # What to publish, read from the model when published: ("domain", (key, configs too)),
 # ("remove", key), ("rule", id), ("unrule", (key, id)), ("attached", id), ("host", Host),
-# ("error", (ref, error)), ("resync", None).
+# ("error", (ref, error)), ("clear", topic), ("resync", None).
 Item = tuple[str, Any]
 
 
@@ -337,6 +343,7 @@ class MqttBridge:
             settings.host, settings.port, username=settings.username,
             password=settings.password,
             identifier=f"webvirt-{secrets.token_hex(4)}",
+            protocol=aiomqtt.ProtocolVersion.V5,
             will=aiomqtt.Will(self.layout.status, OFFLINE, qos=1, retain=True),
             tls_context=tls, logger=client_log,
             keepalive=30, timeout=10, max_queued_incoming_messages=BACKLOG)
@@ -387,8 +394,15 @@ class MqttBridge:
             self._rules_loaded = True
             for host in list(self._holding):
                 self._apply_holding(host)
-        self._inventory.merge(await self._read_inventory(client))
-        await finished(client.subscribe(self.layout.commands, qos=1))
+        found, dropped = await self._read_inventory(client)
+        self._inventory.merge(found)
+        if dropped:  # replaced by the inventory without them: not dropped at every connect
+            more = len(dropped) - DROPPED_SHOWN
+            log.warning("MQTT: dropped from the retained %s what webvirt cannot have written: "
+                        "%s%s", self.layout.inventory, "; ".join(dropped[:DROPPED_SHOWN]),
+                        f" and {more} more" if more > 0 else "")
+            await self._publish(client, self.layout.inventory, self._inventory.payload())
+        await finished(client.subscribe(self.layout.commands, options=COMMAND_SUBSCRIPTION))
         await finished(client.subscribe(self.layout.home_assistant_status, qos=1))
         while not self._backlog.empty():
             self._backlog.get_nowait()
@@ -405,12 +419,13 @@ class MqttBridge:
             task.result()  # its error; a clean end of the messages is a lost connection
         raise aiomqtt.MqttError("the connection ended")
 
-    async def _read_inventory(self, client: aiomqtt.Client) -> Inventory:
-        """The retained PREFIX/inventory, if any. The broker sends a subscription's retained
-        message before anything published later: once a marker sent to a private topic comes
-        back, the inventory came or there is none."""
+    async def _read_inventory(self, client: aiomqtt.Client) -> tuple[Inventory, list[str]]:
+        """The retained PREFIX/inventory, if any, and what of it was dropped (Inventory.load).
+        The broker sends a subscription's retained message before anything published later:
+        once a marker sent to a private topic comes back, the inventory came or there is
+        none."""
         echo = self.layout.echo(secrets.token_hex(8))
-        found = Inventory()
+        found: tuple[Inventory, list[str]] = (Inventory(), [])
         await finished(client.subscribe(self.layout.inventory, qos=1))
         await finished(client.subscribe(echo, qos=1))
         await finished(client.publish(echo, b"marker", qos=1))
@@ -457,6 +472,8 @@ class MqttBridge:
             ref, error = value
             await self._publish(client, self.layout.error(ref), json.dumps(error),
                                 retain=False)
+        elif kind == "clear":
+            await self._publish(client, value, b"")
         else:
             self._resync_queued = False
             await self._publish_all(client)
@@ -570,8 +587,12 @@ class MqttBridge:
             if ref is None:
                 continue
             if message.retain:
-                # A retained command would be obeyed again at every reconnect.
-                command_log.warning("MQTT: ignored a retained command on %s", topic)
+                # Left on the broker, it comes again at every connect: never obeyed, and
+                # removed (unless it is a removal, as the bridge's own coming back is).
+                if message.payload:
+                    command_log.warning("MQTT: ignored a retained command on %s; removing it "
+                                        "from the broker", topic)
+                    self._queue(("clear", topic))
                 continue
             if len(self._commands) >= MAX_COMMANDS:
                 self._drop(ref, topic)

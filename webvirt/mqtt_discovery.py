@@ -13,13 +13,15 @@ spaces, unicode), and a UUID survives a rename.
                                          while both its host's status and PREFIX/status are
     PREFIX/inventory                     what this webvirt has configs for (retained JSON:
                                          {"domains": {KEY: HOST}, "rules": [[KEY, ID]]}), to
-                                         remove at the next connect what is gone meanwhile
+                                         remove at the next connect what is gone meanwhile;
+                                         an entry webvirt cannot have written is dropped
     PREFIX/echo/TOKEN                    private: a marker the bridge sends itself at connect
     PREFIX/UUID/state                    the state as GET /api/0/state says it, e.g. "shut off"
     PREFIX/UUID/power                    ON while the domain is active, else OFF (retained)
     PREFIX/UUID/set                      commands: ON (start), OFF (ACPI shutdown), FORCE_OFF,
                                          REBOOT, RESET; UUID may also be a name, if it is one
-                                         topic level
+                                         topic level; a retained command is never obeyed
+                                         (and is removed)
     PREFIX/UUID/error                    a command that failed: JSON {action, error, status,
                                          message} (not retained)
     PREFIX/UUID/rule/ID/attached         ON once USB rule ID attached its device, OFF when it
@@ -35,10 +37,12 @@ from __future__ import annotations
 
 import json
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from webvirt import __version__
+from webvirt.config import HOST_NAME
 from webvirt.domains import SEED_TEXT_BY_NAME
 
 ON, OFF = "ON", "OFF"
@@ -47,6 +51,15 @@ ONLINE, OFFLINE = "online", "offline"
 ACTIVE_STATES = frozenset({"running", "blocked", "paused", "shutdown", "pmsuspended"})
 # Home Assistant object ids (and node ids): letters, digits, _ and -.
 _NOT_ID = re.compile(r"[^A-Za-z0-9_-]")
+MAX_TOPIC_BYTES = 65535  # MQTT's limit: paho refuses to publish to a longer topic
+# What MqttBridge.key makes: a UUID as libvirt writes it, or HOST-UUID; rule ids are SQLite's.
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_DOMAIN_KEY = re.compile(rf"(?:{HOST_NAME}-)?{_UUID}")
+_HOST = re.compile(HOST_NAME)
+MAX_RULE_ID = 2**63 - 1
+# For a log line, what the broker sent: escaped (no newline), cut short, nested a few levels.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 40
 
 # A domain's entities: (component, object id, what differs from one to another).
 BUTTONS = (
@@ -117,7 +130,11 @@ class Layout:
         if not (topic.startswith(head) and topic.endswith(tail)):
             return None
         ref = topic[len(head):-len(tail)]
-        return ref if ref and "/" not in ref else None
+        # PREFIX/REF/error is published: one topic level, and not over MQTT's length limit.
+        if not ref or any(c in ref for c in "/+#\0") or (
+                len(self.error(ref).encode()) > MAX_TOPIC_BYTES):
+            return None
+        return ref
 
     def node(self, uuid: str) -> str:
         return f"{_NOT_ID.sub('_', self.prefix)}_{uuid}"
@@ -190,14 +207,40 @@ class Inventory:
                            "rules": sorted(self.rules)})
 
     @classmethod
-    def load(cls, payload: Any) -> Inventory:
-        """Whatever was retained; nothing when it is not an inventory."""
+    def load(cls, payload: Any) -> tuple[Inventory, list[str]]:
+        """What was retained, and what of it was dropped (short texts to log). Whoever may
+        publish under PREFIX can retain anything there, and the bridge publishes to topics
+        made of these keys: only entries that webvirt can have written are kept (a key of
+        "+" made every publish at connect fail, and the bridge reconnect for ever)."""
+        short = _SHORT.repr
         try:
-            data = json.loads(bytes(payload))
-            return cls({str(k): str(v) for k, v in data["domains"].items()},
-                       {(str(key), int(rule)) for key, rule in data["rules"]})
-        except (TypeError, ValueError, KeyError, AttributeError):
-            return cls()
+            data = json.loads(bytes(payload)) if payload else {}
+        except (TypeError, ValueError, RecursionError):  # RecursionError: [[[[...
+            return cls(), [f"all of it: not JSON ({short(payload)})"]
+        if not isinstance(data, dict):
+            return cls(), [f"all of it: not an object ({short(data)})"]
+        inventory, dropped = cls(), []
+        domains, rules = data.get("domains", {}), data.get("rules", [])
+        if not isinstance(domains, dict):
+            dropped.append(f"domains {short(domains)}")
+            domains = {}
+        if not isinstance(rules, list):
+            dropped.append(f"rules {short(rules)}")
+            rules = []
+        for key, host in domains.items():
+            if _DOMAIN_KEY.fullmatch(key) and isinstance(host, str) and _HOST.fullmatch(host):
+                inventory.domains[key] = host
+            else:
+                dropped.append(f"domain {short(key)}: {short(host)}")
+        for rule in rules:
+            match rule:
+                case [str(key), int(rule_id)] if (
+                        _DOMAIN_KEY.fullmatch(key) and not isinstance(rule_id, bool)
+                        and 0 < rule_id <= MAX_RULE_ID):
+                    inventory.rules.add((key, rule_id))
+                case _:
+                    dropped.append(f"rule {short(rule)}")
+        return inventory, dropped
 
     def forget(self, key: str, rules: set[tuple[str, int]]) -> None:
         self.domains.pop(key, None)
