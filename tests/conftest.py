@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import shutil
 import threading
@@ -114,11 +115,15 @@ def devices_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_client(aiohttp_client: Any, devices_dir: Path, tmp_path: Path) -> ClientFactory:
     """Start the real app; defaults to a fresh copy of the demo host on libvirt's test driver,
-    and a state folder of the test's own."""
+    and a state folder of its own (one webvirt per state folder: a test that restarts webvirt
+    on the same rules says which)."""
+    made = itertools.count()
 
     async def make(**overrides: Any) -> TestClient:
+        n = next(made)
         settings = Settings(**{"uri": DEMO_HOST_URI, "devices_dir": devices_dir,
-                               "state_dir": tmp_path / "state", **overrides})
+                               "state_dir": tmp_path / ("state" if n == 0 else f"state-{n}"),
+                               **overrides})
         return await aiohttp_client(create_app(settings))
 
     return make

@@ -144,17 +144,18 @@ async def test_deleting_a_rule_detaches_nothing_and_a_restart_attaches_nothing_t
     usb_lab.plug("wacom")
     await follows(lab_client, "056a:0000")
 
-    # webvirt again (a second instance on the same state: same rules), while it holds it.
-    again = await make_client(uri=usb_lab.uri, state_dir=lab_client.app[SETTINGS].state_dir)
+    # webvirt again (restarted: the same state, the same rules), while the guest holds it.
+    state = lab_client.app[SETTINGS].state_dir
+    await lab_client.close()
+    again = await make_client(uri=usb_lab.uri, state_dir=state)
     reconciler = again.app[USB_RECONCILER]
     await until(lambda: reconciler.passes >= 1 and reconciler.idle, 10, "its first pass")
     assert await held_ids(again) == ["056a:0000"]
 
-    first = lab_client.app[USB_RECONCILER]
-    passes = first.passes
-    assert (await lab_client.delete(f"/api/0/rules/{rule['id']}")).status == 204
-    await until(lambda: first.passes > passes and first.idle, 10, "a pass after")
-    assert await held_ids(lab_client) == ["056a:0000"]
+    passes = reconciler.passes
+    assert (await again.delete(f"/api/0/rules/{rule['id']}")).status == 204
+    await until(lambda: reconciler.passes > passes and reconciler.idle, 10, "a pass after")
+    assert await held_ids(again) == ["056a:0000"]
 
 
 async def test_a_plug_while_the_lab_host_was_frozen_is_given_after_the_reconnect(
