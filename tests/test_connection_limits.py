@@ -6,19 +6,23 @@ apart from the well-behaved client on 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 import re
 import selectors
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from support.processes import free_port, spawn_webvirt, status_number, wait_until_serving
 from tests.conftest import DEMO_HOST_URI
 from tests.waiting import until_sync
+from webvirt.connection_limits import HEAD_TOO_LARGE
 
 REQUEST_START = b"GET /api/0/version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 HEADER_8K = b"X-Fill: " + b"x" * 8000 + b"\r\n"
@@ -141,3 +145,74 @@ def test_raises_its_open_file_limit_to_the_hard_limit(tmp_path: Path) -> None:
     finally:
         stop(process)
     assert re.search(r"^Max open files\s+4096\s+4096\s", limits, re.M), limits
+
+
+def post_rule(port: int, body: bytes) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/api/0/rules", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP answer (head and Content-Length body), or what came before the close."""
+    answer = b""
+    while (end := answer.find(b"\r\n\r\n")) < 0 or len(answer) < end + 4 + int(
+            (re.search(rb"(?i)\r\ncontent-length: *(\d+)", answer) or [0, b"0"])[1]):
+        if not (chunk := sock.recv(65536)):
+            break
+        answer += chunk
+    return answer
+
+
+def test_a_body_has_a_limit_of_its_own_and_the_head_limit_counts_heads(tmp_path: Path) -> None:
+    port = free_port()
+    process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
+        rule = {"domain": "win11", "match": {"vendor_id": "046d", "product_id": "c52b"}}
+        # 60 KiB of body after a head: read and judged, not taken for a head that is too large.
+        padded = json.dumps({**rule, "note": "x" * 60_000}).encode()
+        status, answer = post_rule(port, padded)
+        assert (status, answer["code"]) == (400, "bad_rule"), answer
+        status, answer = post_rule(port, json.dumps({**rule, "note": "x" * 100_000}).encode())
+        assert (status, answer["code"]) == (413, "request_entity_too_large"), answer
+        assert "65536" in answer["detail"], answer
+        # One connection, bodies between heads (90 KiB in all): each head is counted alone.
+        with connections(port, ["127.0.0.1"]) as (sock,):
+            body = json.dumps({**rule, "note": "x" * 30_000}).encode()
+            for _ in range(3):
+                sock.sendall(b"POST /api/0/rules HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+                assert read_answer(sock).startswith(b"HTTP/1.1 400 Bad Request\r\n")
+            sock.sendall(REQUEST_START + b"\r\n")
+            assert read_answer(sock).startswith(b"HTTP/1.1 200 OK\r\n")
+            sock.sendall(REQUEST_START + HEADER_8K * 9)  # a head of 72 KiB is still too large
+            assert read_answer(sock) == HEAD_TOO_LARGE
+    finally:
+        stop(process)
+
+
+def test_a_client_that_hangs_up_mid_body_is_no_error(tmp_path: Path) -> None:
+    port = free_port()
+    process = spawn_webvirt(DEMO_HOST_URI, port, "--log-level", "debug", state_dir=tmp_path)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
+        for _ in range(5):
+            with connections(port, ["127.0.0.1"]) as (sock,):
+                sock.sendall(b"POST /api/0/rules HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 100\r\n\r\n{\"domain\": ")
+        # The server read and ended them all: a request after them is answered.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/0/version", timeout=5):
+            pass
+        until_sync(lambda: unread_bytes(port) == 0, 5, "webvirt has read all it was sent")
+    finally:
+        log = stop(process)
+    assert "ERROR" not in log and "Traceback" not in log, log
+    assert log.count("POST /api/0/rules: the client hung up before its request was read "
+                     "whole") == 5, log
+    assert '"POST /api/0/rules HTTP/1.1" 500' not in log

@@ -20,7 +20,7 @@ from webvirt.schemas import Error, RuleBody, RulePath, UsbRule, error_responses
 log = logging.getLogger(__name__)
 
 RULE_NOT_FOUND = {"description": "Unknown rule, or unknown domain", "schema": Error}
-WRITE_ERRORS = {**error_responses(400, 415, 503, 504), 404: RULE_NOT_FOUND}
+WRITE_ERRORS = {**error_responses(400, 413, 415, 503, 504), 404: RULE_NOT_FOUND}
 BODY_DESCRIPTION = (
     "A rule hands a host USB device to a domain: `match` names the device by its vendor and "
     "product id (and serial, to tell alike devices apart), or by the port it is plugged into. "

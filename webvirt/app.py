@@ -9,7 +9,7 @@ from functools import partial
 from aiohttp import web
 from aiohttp_apigami import docs
 
-from webvirt import __version__
+from webvirt import __version__, connection_limits
 from webvirt.api_devices import attach, detach, domain_devices, host_devices, list_templates, toggle
 from webvirt.api_domains import (
     destroy,
@@ -205,7 +205,8 @@ def setup_routes(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
     app = web.Application(middlewares=[json_errors, request_budget(settings.call_timeout),
-                                       guard.middleware])
+                                       guard.middleware],
+                          client_max_size=connection_limits.MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[EVENT_HUB] = hub = EventHub(settings.replay_events)
     specs = settings.hosts or (HostSpec(default_name(settings.uri), settings.uri),)

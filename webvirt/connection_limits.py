@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import resource
 import time
 from collections.abc import Callable
@@ -38,6 +39,13 @@ WARN_INTERVAL = 60.0
 BLANK_LINE = b"\r\n\r\n"
 HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\n"
                   b"Connection: close\r\n\r\n")
+# What bounds one request's body (aiohttp's client_max_size: 413 beyond). A rule is a few
+# hundred bytes.
+MAX_BODY_BYTES = 64 * 1024
+# A head's body: its Content-Length, or chunked (its end unknown here: the most a body may be
+# is left uncounted).
+_BODY = re.compile(rb"\r\n(?:content-length[ \t]*:[ \t]*(\d{1,18})|transfer-encoding[ \t]*:)",
+                   re.IGNORECASE)
 
 
 def raise_open_file_limit() -> None:
@@ -107,33 +115,42 @@ class RateLimitedWarning:
 
 
 class _HeadBytes:
-    """How many bytes of a request head a connection has sent: those after the last blank
-    line (the end of the previous head). webvirt's requests have no body. Counting starts
-    afresh every HEADER_TIMEOUT, so that a WebSocket's small frames never add up."""
+    """How many bytes of a request head a connection has sent: those since the end of the
+    previous request, its body left out (what the head's Content-Length says: aiohttp bounds
+    bodies, MAX_BODY_BYTES). Counting starts afresh every HEADER_TIMEOUT, so that a WebSocket's
+    small frames never add up."""
 
-    __slots__ = ("pending", "since", "tail")
+    __slots__ = ("body_left", "head", "since")
 
     def __init__(self) -> None:
-        self.pending = 0
+        self.body_left = 0  # bytes of the current request's body still to come
+        self.head = bytearray()  # the head so far (bounded: MAX_HEAD_BYTES closes it)
         self.since = time.monotonic()
-        self.tail = b""
 
     def add(self, data: bytes) -> int:
-        end = data.rfind(BLANK_LINE)
-        if end >= 0:
-            after_blank_line: int | None = len(data) - end - len(BLANK_LINE)
-        elif (end := (self.tail + data[:3]).find(BLANK_LINE)) >= 0:  # it straddles two reads
-            after_blank_line = len(data) - (end + len(BLANK_LINE) - len(self.tail))
-        else:
-            after_blank_line = None
-        self.tail = (self.tail + data)[-3:] if len(data) < 3 else data[-3:]
-        if after_blank_line is not None:
-            self.pending, self.since = after_blank_line, time.monotonic()
-        elif time.monotonic() - self.since > HEADER_TIMEOUT:
-            self.pending, self.since = len(data), time.monotonic()
-        else:
-            self.pending += len(data)
-        return self.pending
+        """The bytes of an unfinished head once `data` has come."""
+        if time.monotonic() - self.since > HEADER_TIMEOUT:
+            self.head.clear()
+            self.since = time.monotonic()
+        while data:
+            if self.body_left:
+                taken = min(self.body_left, len(data))
+                self.body_left -= taken
+                data = data[taken:]
+                continue
+            # The blank line may straddle two reads: look from the head's last three bytes.
+            start = max(0, len(self.head) - 3)
+            self.head += data
+            end = self.head.find(BLANK_LINE, start)
+            if end < 0:
+                break
+            end += len(BLANK_LINE)
+            data = bytes(self.head[end:])
+            match = _BODY.search(self.head, 0, end)
+            self.body_left = 0 if match is None else int(match.group(1) or MAX_BODY_BYTES)
+            self.head.clear()
+            self.since = time.monotonic()
+        return len(self.head)
 
 
 class _GatedProtocol(asyncio.Protocol):

@@ -20,6 +20,7 @@ STREAMS_ATTR = "webvirt_streams"
 # After a request's time, what its named waits need to answer (504 naming what they waited
 # for); a request still going then waits for something that has no bound (a bug).
 MARGIN_S = 2.0
+CLIENT_CLOSED = 499
 
 
 def error_body(status: int, code: str, detail: str) -> web.Response:
@@ -37,11 +38,19 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_body(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+        # aiohttp says how large a body may be (and was) in the text of its 413.
+        detail = exc.text if isinstance(exc, web.HTTPRequestEntityTooLarge) else exc.reason
+        response = error_body(exc.status, exc.reason.lower().replace(" ", "_"), detail or "")
         for name in ("Allow", "WWW-Authenticate"):
             if name in exc.headers:
                 response.headers[name] = exc.headers[name]
         return response
+    except ConnectionResetError:
+        # The client hung up before its request was read whole (or answered): nobody to answer,
+        # nothing wrong here. 499, as nginx logs it ("client closed request").
+        log.debug("%s %s: the client hung up before its request was read whole",
+                  request.method, request.path)
+        return error_body(CLIENT_CLOSED, "client_closed_request", "the client hung up")
     except Exception:
         # A bug, not bad input: say so in the log with the traceback, and in JSON to the client.
         log.exception("unhandled error in %s %s", request.method, request.path)

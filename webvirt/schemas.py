@@ -76,11 +76,13 @@ def error_responses(*statuses: int) -> dict[int, dict[str, object]]:
         403: "Refused",
         404: "Unknown domain or template",
         409: "Wrong state, or libvirt refused",
+        413: "The body is over 64 KiB",
         415: "The body is not sent as JSON (Content-Type: application/json)",
         422: "libvirt rejected the device XML",
         501: "Not supported by the libvirt driver",
         503: "libvirt unreachable",
-        504: "libvirt did not answer in time",
+        504: "What the request waited for (libvirt, the rule store) did not answer in its time "
+             "(--call-timeout)",
     }
     return {s: {"description": text[s], "schema": Error} for s in statuses}
 
