@@ -479,3 +479,52 @@ async def test_shutdown_does_not_wait_for_an_sse_client_that_reads_nothing(
         await asyncio.wait_for(client.server.close(), LAST_WORD_S + 5)
     finally:
         sock.close()
+
+
+# 10. SIGTERM waited for calls stuck on a frozen daemon until keepalive gave up (7 s).
+
+STOP_S = 2.0  # the most webvirt may take to stop, whatever a host does
+
+
+def in_handlers(port: int, count: int) -> bool:
+    """Whether `count` clients have sent the server whole requests that it read and has not
+    answered: each has an established connection with nothing unread on the server's end."""
+    server_ends = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                   if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "01"]
+    return len(server_ends) >= count and all(
+        int(fields[4].split(":")[1], 16) == 0 for fields in server_ends)
+
+
+@pytest.mark.qemu
+def test_sigterm_ends_webvirt_within_2_s_while_calls_wait_on_a_frozen_daemon(
+        libvirt_daemon: LibvirtDaemon, qemu_conn: libvirt.virConnect, tmp_path: Path) -> None:
+    port = free_port()
+    server = spawn_webvirt(libvirt_daemon.uri, port, state_dir=tmp_path)
+    log = ProcessLog(server)
+    statuses: list[int] = []
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/0/version", server)
+        libvirt_daemon.signal(signal.SIGSTOP)
+        url = f"http://127.0.0.1:{port}/api/0/domains"
+        callers = [threading.Thread(target=lambda: statuses.append(status_of(url)))
+                   for _ in range(3)]
+        for caller in callers:
+            caller.start()
+        until_sync(lambda: in_handlers(port, 3), 10, "three requests wait for libvirt")
+        began = time.monotonic()
+        server.terminate()
+        server.wait(30)
+        took = time.monotonic() - began
+        for caller in callers:
+            caller.join(10)
+    finally:
+        libvirt_daemon.signal(signal.SIGCONT)
+        if server.poll() is None:
+            server.kill()
+        log.join()
+    print(f"SIGTERM to exit: {took:.2f} s")
+    assert took < STOP_S, f"{took:.1f} s:\n{log.text}"
+    assert server.returncode == 0, log.text
+    # Each was answered (libvirt unavailable: webvirt is stopping), none left hanging.
+    assert statuses == [503] * 3, (statuses, log.text)
+    assert "Traceback" not in log.text

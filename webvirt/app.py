@@ -135,6 +135,12 @@ async def end_event_streams(app: web.Application) -> None:
     app[EVENT_HUB].end_all()
 
 
+async def end_libvirt_calls(app: web.Application) -> None:
+    # aiohttp waits for every request before the clean-up closes the hosts: a request waiting
+    # on a frozen daemon held the stop until keepalive gave up. Closed now, they answer 503.
+    await app[HOSTS].close()
+
+
 async def dashboard(request: web.Request) -> web.FileResponse:
     return web.FileResponse(request.app[SETTINGS].static_dir / "index.html")
 
@@ -223,7 +229,7 @@ def create_app(settings: Settings) -> web.Application:
                             live_usage])
     if settings.mqtt is not None:
         app.cleanup_ctx.append(mqtt_bridge)
-    app.on_shutdown.append(end_event_streams)
+    app.on_shutdown.extend([end_event_streams, end_libvirt_calls])
     app.on_response_prepare.append(guard.cors_headers)
 
     setup_routes(app)

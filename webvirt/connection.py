@@ -18,7 +18,8 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import libvirt
 
@@ -35,9 +36,15 @@ KEEPALIVE_COUNT = 3
 _Job = tuple[Future[Any], Callable[[], Any]]
 
 
+@dataclass(eq=False, frozen=True, slots=True)
+class _Call(Generic[T]):
+    job: Future[T]  # done by the connection's thread
+    answer: asyncio.Future[T]  # what the caller awaits, on the loop
+
+
 class Connection:
-    __slots__ = ("_conn", "_jobs", "_loop", "_on_retired", "_thread", "callback_ids", "ended",
-                 "name", "pending", "retired", "uri")
+    __slots__ = ("_calls", "_conn", "_jobs", "_loop", "_on_retired", "_thread", "callback_ids",
+                 "ended", "name", "pending", "retired", "uri")
 
     def __init__(self, uri: str | None, name: str,
                  on_retired: Callable[[Connection, str], None]):
@@ -50,6 +57,7 @@ class Connection:
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"libvirt-{name}")
         self.ended: asyncio.Future[None] = self._loop.create_future()  # its thread is done
         self.pending = 0  # calls queued or running, to spread work over a host's connections
+        self._calls: set[_Call[Any]] = set()  # the same, as their callers wait for them
         self.retired = False
         # Event callbacks registered on this connection, deregistered before it closes:
         # each holds a reference that would otherwise keep the connection (and an fd) alive.
@@ -87,25 +95,35 @@ class Connection:
         conn = self._conn
         return await self._await(self._submit(lambda: fn(conn)), seconds)
 
-    def _submit(self, fn: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
+    def _submit(self, fn: Callable[[], T]) -> _Call[T]:
+        job: Future[T] = Future()
+        call = _Call(job, self._loop.create_future())
         self.pending += 1
-        future.add_done_callback(lambda _f: _call_soon(self._loop, self._done))
-        self._jobs.put((future, fn))
-        return future
+        self._calls.add(call)
+        job.add_done_callback(lambda _job: _call_soon(self._loop, self._answered, call))
+        self._jobs.put((job, fn))
+        return call
 
-    def _done(self) -> None:
+    def _answered(self, call: _Call[Any]) -> None:
         self.pending -= 1
+        self._calls.discard(call)
+        if call.answer.done() or call.job.cancelled():
+            return  # told already (retired), or nobody waits any more (timed out)
+        error = call.job.exception()
+        if error is not None:
+            call.answer.set_exception(error)
+        else:
+            call.answer.set_result(call.job.result())
 
-    async def _await(self, future: Future[T], seconds: float | None) -> T:
+    async def _await(self, call: _Call[T], seconds: float | None) -> T:
         limit, budget = deadline.within(seconds)
         try:
             async with asyncio.timeout(limit):
-                return await asyncio.wrap_future(future)
+                return await call.answer
         except TimeoutError:
             # Not started yet: it never will be (an action is not done after its request
             # was told it failed).
-            begun = not future.cancel()
+            begun = not call.job.cancel()
             if budget is None:
                 # The thread is stuck in that call: nothing more may queue behind it.
                 self.retire(f"no answer within {seconds:g} s")
@@ -118,12 +136,24 @@ class Connection:
                 + ("the call may still complete" if begun else "the call was not made")
             ) from None
 
-    def retire(self, reason: str) -> None:
-        """No new calls; the owner is told once; the thread closes the connection and ends."""
+    def retire(self, reason: str, abandon: bool = False) -> None:
+        """No new calls; the owner is told once; the thread closes the connection and ends.
+        Calls not begun are not made (their callers are told now); with `abandon`, the callers
+        of the call under way are told too, without waiting for it (webvirt stops)."""
         if self.retired:
             return
         self.retired = True
         self._on_retired(self, reason)
+        for call in list(self._calls):
+            if call.answer.done():
+                continue
+            if call.job.cancel():
+                call.answer.set_exception(Unavailable(
+                    f"the libvirt connection was closed ({reason}); the call was not made"))
+            elif abandon:
+                call.answer.set_exception(Unavailable(
+                    f"the libvirt connection was closed ({reason}); the call may still "
+                    "complete"))
         self._jobs.put((Future(), self._close_blocking))
         self._jobs.put(None)
 

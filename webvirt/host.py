@@ -48,7 +48,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECONNECT_DELAYS_S = (0.2, 0.5, 1, 2, 5)
-SHUTDOWN_CALL_S = 2
+# At shutdown, how long a connection's thread has to close it (an idle one takes
+# milliseconds; one stuck on a frozen daemon is not waited for: webvirt stops within 2 s).
+SHUTDOWN_CALL_S = 0.5
 # A read often sees a change before its lifecycle event arrives; only what no event has told
 # event clients within this time is published as a correction.
 CORRECTION_GRACE_S = 1.0
@@ -226,7 +228,7 @@ class Host:
             self.connected = False
             self.publish("connection", state="lost", reason="server shutting down")
         for connection in connections:
-            connection.retire("server shutting down")
+            connection.retire("server shutting down", abandon=True)
         if connections:
             # Bounded: a stuck daemon is not worth waiting for at shutdown.
             await asyncio.wait([c.ended for c in connections], timeout=SHUTDOWN_CALL_S)
