@@ -8,6 +8,8 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -17,9 +19,10 @@ from tests.processes import free_port, spawn_webvirt, wait_until_serving
 from webvirt.cli import default_state_dir
 
 
-def webvirt(*args: str, state_dir: Path, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+def webvirt(*args: str, state_dir: Path, timeout: float = 20,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "webvirt", "--state-dir", str(state_dir), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 def test_help_names_every_option(tmp_path: Path) -> None:
@@ -30,6 +33,8 @@ def test_help_names_every_option(tmp_path: Path) -> None:
         assert option in result.stdout
     assert "127.0.0.1" in result.stdout
     assert "5000" in result.stdout
+    help_text = " ".join(result.stdout.split())  # as argparse wrapped it, on one line
+    assert help_text.count("at least 16 characters") == 2  # --token and --read-token
 
 
 def test_unreachable_libvirt_is_a_one_line_error(tmp_path: Path) -> None:
@@ -118,7 +123,8 @@ def test_serves_the_demo_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 def test_token_from_the_environment_and_lan_warning(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "WEBVIRT_TOKEN": "abc-not-in-logs"}
+    token = "4f1c9a7e2b3d8c60"  # 16 characters: the shortest token webvirt takes
+    env = {**os.environ, "WEBVIRT_TOKEN": token}
     process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path, env=env)
     try:
         url = f"http://127.0.0.1:{port}/api/0/version"
@@ -128,18 +134,77 @@ def test_token_from_the_environment_and_lan_warning(tmp_path: Path) -> None:
             raise AssertionError("answered without the token")
         except urllib.error.HTTPError as err:
             assert err.code == 401
-        request = urllib.request.Request(url, headers={"Authorization": "Bearer abc-not-in-logs"})
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
         with urllib.request.urlopen(request, timeout=2) as response:
             assert response.status == 200
-        with urllib.request.urlopen(url + "?token=abc-not-in-logs&x=1", timeout=2) as response:
+        with urllib.request.urlopen(url + f"?token={token}&x=1", timeout=2) as response:
             assert response.status == 200
     finally:
         process.terminate()
         _, log = process.communicate(timeout=10)
     assert "refused GET /api/0/version from 127.0.0.1: a valid token is required" in log
     assert '"GET /api/0/version?token=***&x=1 HTTP/1.1" 200' in log
-    assert "abc-not-in-logs" not in log
+    assert token not in log
 
     result = webvirt("--connect", "qemu+unix:///system?socket=/nonexistent/sock",
                      "--address", "0.0.0.0", "--port", str(free_port()), state_dir=tmp_path)
     assert "without --token" in result.stderr
+
+
+GOOD_TOKEN = "0123456789abcdef0123"
+SHORT = "too-short-token"  # 15 characters
+# What a token must be, and the start of the one-line error that says so.
+TOO_SHORT = "use at least 16 characters (a short token is guessed"
+UNSENDABLE = "use only letters, digits and - . _ ~ + /"
+
+
+@pytest.mark.parametrize(("options", "environ", "error"), [
+    (["--token", "T"], {}, f"--token (or $WEBVIRT_TOKEN): {TOO_SHORT}"),
+    (["--token", SHORT], {}, f"--token (or $WEBVIRT_TOKEN): {TOO_SHORT}"),
+    (["--token", ""], {}, f"--token (or $WEBVIRT_TOKEN): {TOO_SHORT}"),  # an unset $VARIABLE
+    ([], {"WEBVIRT_TOKEN": SHORT}, f"--token (or $WEBVIRT_TOKEN): {TOO_SHORT}"),
+    (["--token", GOOD_TOKEN, "--read-token", SHORT], {},
+     f"--read-token (or $WEBVIRT_READ_TOKEN): {TOO_SHORT}"),
+    (["--token", GOOD_TOKEN], {"WEBVIRT_READ_TOKEN": f"{GOOD_TOKEN}-read,view"},
+     f"--read-token (or $WEBVIRT_READ_TOKEN): {TOO_SHORT}"),
+    # Whitespace, and characters outside a Bearer token's (RFC 6750): a header or a URL does
+    # not carry them as they are, and the log could hide only part of such a token.
+    (["--token", " " * 20], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
+    (["--token", "correct horse battery staple"], {},
+     f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
+    (["--token", f"{GOOD_TOKEN}&x"], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
+    (["--token", f"{GOOD_TOKEN}\"x"], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
+    (["--token", f"{GOOD_TOKEN}é"], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
+    (["--token", f"{GOOD_TOKEN}\t"], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
+    (["--token", f"={GOOD_TOKEN}"], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
+    (["--token", GOOD_TOKEN, "--read-token", f"{GOOD_TOKEN}#x"], {},
+     f"--read-token (or $WEBVIRT_READ_TOKEN): {UNSENDABLE}"),
+], ids=["one-letter", "15-letters", "empty", "environment", "read-token",
+        "read-token-environment", "blank", "spaces", "ampersand", "quote", "non-ascii", "tab",
+        "equals-first", "read-token-hash"])
+def test_a_short_or_unsendable_token_is_refused_at_start(
+        tmp_path: Path, options: list[str], environ: dict[str, str], error: str) -> None:
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("WEBVIRT_TOKEN", "WEBVIRT_READ_TOKEN")} | environ
+    # Were the token taken, webvirt would go on, and exit 1 at this libvirt.
+    result = webvirt("--connect", "qemu+unix:///system?socket=/nonexistent/sock",
+                     "--port", str(free_port()), *options, state_dir=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr  # argparse's usage error
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("usage: webvirt"), result.stderr
+    assert lines[-1].startswith(f"webvirt: error: {error}"), result.stderr
+    assert "openssl rand -hex 16" in lines[-1]
+    assert "cannot connect" not in result.stderr
+    given = [value for option, value in pairwise(options) if option.endswith("token")]
+    for token in given:  # the refused token is not repeated back ("T" is in the usage line)
+        if token != GOOD_TOKEN and len(token.strip()) > 1:
+            assert token not in result.stderr
+
+
+def test_a_token_of_the_allowed_characters_is_taken(tmp_path: Path) -> None:
+    token = "aZ09-._~+/" * 2 + "=="  # every character RFC 6750 allows in a Bearer token
+    result = webvirt("--connect", "qemu+unix:///system?socket=/nonexistent/sock",
+                     "--port", str(free_port()), "--token", token, "--read-token", GOOD_TOKEN,
+                     state_dir=tmp_path)
+    assert result.returncode == 1  # refused later, by libvirt: the tokens were taken
+    assert "cannot connect to libvirt" in result.stderr

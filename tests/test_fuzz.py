@@ -38,7 +38,7 @@ def test_schemathesis_finds_no_500s_and_no_spec_violations(tmp_path: Path, heade
     port = free_port()
     # For headers: a token, so that the spec requires one and schemathesis generates
     # Authorization headers (and ?token=); every refusal is a warning, so log errors only.
-    options = ["--token", "s3cret", "--log-level", "error"] if headers else \
+    options = ["--token", "fuzz-token-4b8e1d27c9", "--log-level", "error"] if headers else \
         ["--log-level", "warning"]
     server = spawn_webvirt(DEMO_HOST_URI, port, *options, state_dir=tmp_path / "state")
     base = f"http://127.0.0.1:{port}"

@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -23,6 +24,12 @@ from webvirt.hosts import HostError, host_specs
 from webvirt.security import split_hosts
 
 log = logging.getLogger("webvirt")
+
+# A short token is guessed. Only a Bearer token's characters (RFC 6750): a header carries them
+# as they are (a URL too, but + as %2B), and the log's credential masks (log_format) hide them
+# whole, where a space or a quote would end the mask and show the rest.
+MIN_TOKEN_LENGTH = 16
+TOKEN_SYNTAX = re.compile(r"[A-Za-z0-9._~+/-]+=*")
 
 DESCRIPTION = """\
 A small web server with a REST-inspired API for libvirt virtual machines:
@@ -102,13 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "devices/ next to a single-file executable)")
     parser.add_argument("--token", default=os.environ.get("WEBVIRT_TOKEN") or None,
                         help="require this token on /api/ (Authorization: Bearer TOKEN or "
-                             "?token=TOKEN); default: $WEBVIRT_TOKEN, else no token")
+                             f"?token=TOKEN): at least {MIN_TOKEN_LENGTH} characters, of "
+                             "letters, digits and - . _ ~ + / (e.g. `openssl rand -hex 16`); "
+                             "default: $WEBVIRT_TOKEN, else no token")
     parser.add_argument("--read-token", metavar="TOKEN", action="append",
                         default=split_tokens(os.environ.get("WEBVIRT_READ_TOKEN", "")),
                         help="a token that may read (state, lists, devices, templates, events) "
                              "but gets 403 on every action, e.g. for an OBS overlay on another "
                              "PC (repeatable; default: $WEBVIRT_READ_TOKEN, comma-separated); "
-                             "needs --token")
+                             f"needs --token; at least {MIN_TOKEN_LENGTH} characters, as for "
+                             "--token")
     parser.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
                         help="let pages from this origin (e.g. http://192.168.1.20:8080, or "
                              "null for local files) read the API and the event stream in a "
@@ -195,9 +205,26 @@ def split_tokens(value: str) -> list[str]:
     return [token.strip() for token in value.split(",") if token.strip()]
 
 
+def token_problem(token: str) -> str | None:
+    """Why webvirt refuses this token, or None."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        return (f"use at least {MIN_TOKEN_LENGTH} characters (a short token is guessed; "
+                "`openssl rand -hex 16` makes one)")
+    if not TOKEN_SYNTAX.fullmatch(token):
+        return ("use only letters, digits and - . _ ~ + / (and = at the end), a Bearer "
+                "token's characters (RFC 6750); `openssl rand -hex 16` makes one")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The refused token is not repeated: the error may end up in a shared log or screenshot.
+    named = [("--token", "WEBVIRT_TOKEN", args.token),
+             *(("--read-token", "WEBVIRT_READ_TOKEN", t) for t in args.read_token)]
+    for option, variable, token in named:
+        if token is not None and (problem := token_problem(token)):
+            parser.error(f"{option} (or ${variable}): {problem}")
     if args.read_token and not args.token:
         parser.error("--read-token needs --token (the full token, for actions)")
     mqtt = None
@@ -207,9 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  os.environ, args.mqtt_ca)
         except MqttUrlError as err:
             parser.error(str(err))
-    # Not the MQTT password: nothing logs it (nor the URL), and a short one ("test") would
-    # garble every line it happens to be part of.
-    stop_logging = log_output.start(args.log_level, secrets=[args.token, *args.read_token])
+    stop_logging = log_output.start(args.log_level)
     try:
         error = run(args, mqtt)
     finally:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
-from urllib.parse import quote
 
 # Everything a terminal or a line-splitting log reader could take for a line break or an
 # escape sequence: C0, DEL, C1 and the Unicode line and paragraph separators.
@@ -21,9 +19,21 @@ _ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _CONTROLS}
 _ESCAPES |= {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 _KEEP_NEWLINES = {**_ESCAPES, ord("\n"): "\n"}
 
-# A token in a query (any case: ?TOKEN=, &access_token=) or in an Authorization header, as
-# aiohttp's parser errors quote it from the raw request.
-_SECRET_PATTERNS = re.compile(r"(?i)(token=|bearer\s+)[^\s&'\"\\]+")
+
+def _any_spelling(word: str) -> str:
+    """The word with each letter as it is or percent-encoded, as a raw query may spell a key
+    (the Guard takes `%74oken=`: yarl decodes it); the case comes from the pattern's (?i)."""
+    return "".join(f"(?:{c}|%{ord(c.lower()):02x}|%{ord(c.upper()):02x})" for c in word)
+
+
+# A token where it stands as a credential: a query's value (any case and spelling of the key:
+# ?TOKEN=, &access_token=, ?%74oken=) or an Authorization header's Bearer value, as aiohttp's
+# parser errors quote them from the raw request (in repr, so a tab reads \t). Only there: a
+# token's text elsewhere is no credential, and hiding it everywhere garbled unrelated text.
+# webvirt's own messages name the credential "TOKEN" (Bearer TOKEN, ?token=TOKEN): left as is.
+_VALUE_CHAR = r"[^\s&'\"\\]"
+_SECRET_PATTERNS = re.compile(rf"(?i)({_any_spelling('token')}=|bearer(?:\s|\\t)+)"
+                              rf"(?!(?-i:TOKEN)(?!{_VALUE_CHAR})){_VALUE_CHAR}+")
 REDACTED = "***"
 
 
@@ -37,10 +47,8 @@ class SafeFormatter(logging.Formatter):
     """The message is escaped onto one line; a traceback keeps its lines but indented, so
     every line that starts in the first column is the start of a real record."""
 
-    def __init__(self, fmt: str, secrets: Iterable[str | None] = ()) -> None:
+    def __init__(self, fmt: str) -> None:
         super().__init__(fmt)
-        literal = {form for s in secrets if s for form in (s, quote(s, safe=""))}
-        self._literals = sorted(literal, key=len, reverse=True)
         self._second, self._stamp = -1, ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
@@ -54,11 +62,10 @@ class SafeFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"  # logging's default_msec_format
 
     def redact(self, text: str) -> str:
-        for secret in self._literals:
-            if secret in text:
-                text = text.replace(secret, REDACTED)
+        # Cheaper than the pattern on each line. A key spelled as is has "oken=" (any case),
+        # one with a letter percent-encoded has "%".
         lowered = text.lower()
-        if "token=" in lowered or "bearer" in lowered:  # cheaper than the pattern on each line
+        if "oken=" in lowered or "bearer" in lowered or "%" in text:
             text = _SECRET_PATTERNS.sub(lambda m: m.group(1) + REDACTED, text)
         return text
 

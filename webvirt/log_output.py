@@ -13,7 +13,7 @@ import logging
 import queue
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
@@ -143,11 +143,11 @@ def fast_lane(logger: logging.Logger) -> Callable[[str, tuple[Any, ...]], None] 
     return log
 
 
-def start(level: str, secrets: Iterable[str | None] = ()) -> Callable[[], None]:
+def start(level: str) -> Callable[[], None]:
     """Route every logger through the queue to stderr; returns the function that writes what
     is queued and stops the thread (call it before the process exits)."""
     log_queue: queue.SimpleQueue[Entry] = queue.SimpleQueue()
-    writer = BatchWriter(sys.stderr, SafeFormatter(FORMAT, secrets))
+    writer = BatchWriter(sys.stderr, SafeFormatter(FORMAT))
     listener = BatchListener(log_queue, writer)
     root = logging.getLogger()
     before = root.level, root.handlers[:]
