@@ -6,10 +6,11 @@ lock answer at once (tests/test_hosts_qemu.py, tests/test_api_more.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import libvirt
@@ -20,16 +21,27 @@ from aiohttp.test_utils import TestClient
 from tests.conftest import ClientFactory
 from tests.libvirt_daemon import guest_xml
 from tests.waiting import next_message
-from webvirt import deadline
 from webvirt.appkeys import HOST, RULES
+from webvirt.deadline import MARGIN_S, SWEEP_S, Budgets
 from webvirt.errors import CallTimeout
-from webvirt.middlewares import MARGIN_S, json_errors, request_budget
+from webvirt.middlewares import answers
 from webvirt.rules_store import StoreTimeout
 
 CALL_TIMEOUT_S = 1.0
 # What a 504 may take beyond the request's time: the event loop's turn and the test's own.
 LATE_S = 0.5
 RULE = {"domain": "win11", "match": {"vendor_id": "046d", "product_id": "c52b"}}
+
+
+@contextlib.contextmanager
+def request_time(seconds: float) -> Iterator[None]:
+    """As the middleware gives it to a request, for a test that makes a handler's waits."""
+    budgets = Budgets(seconds)
+    budget = budgets.begin()
+    try:
+        yield
+    finally:
+        budgets.end(budget)
 
 
 @pytest.fixture
@@ -55,7 +67,7 @@ def stall_store(client: TestClient, released: threading.Event) -> None:
 async def timed(client: TestClient, method: str, path: str,
                 **kwargs: Any) -> tuple[int, dict[str, Any], float]:
     began = time.monotonic()
-    async with asyncio.timeout(CALL_TIMEOUT_S + MARGIN_S + 5):  # a hang fails, and says so
+    async with asyncio.timeout(CALL_TIMEOUT_S + MARGIN_S + SWEEP_S + 5):  # a hang fails
         response = await client.request(method, path, **kwargs)
         body = await response.json()
     return response.status, body, time.monotonic() - began
@@ -97,7 +109,7 @@ async def test_waits_in_turn_share_the_request_time(
     host, store = client.app[HOST], client.app[RULES]
     stall_store(client, released)
     began = time.monotonic()
-    with deadline.budget(CALL_TIMEOUT_S):
+    with request_time(CALL_TIMEOUT_S):
         await host.call(lambda _conn: time.sleep(0.7))  # a slow libvirt, in its own thread
         with pytest.raises(StoreTimeout) as raised:
             await store.list()
@@ -111,7 +123,7 @@ async def test_a_libvirt_call_that_runs_out_of_request_time_keeps_its_connection
         make_client: ClientFactory, released: threading.Event) -> None:
     client = await make_client(call_timeout=CALL_TIMEOUT_S)
     host = client.app[HOST]
-    with deadline.budget(0.3):
+    with request_time(0.3):
         with pytest.raises(CallTimeout) as raised:
             await host.call(lambda _conn: released.wait(30))
     assert "in the time this request has" in raised.value.detail
@@ -130,7 +142,7 @@ async def test_an_explicit_wait_has_its_own_time(
     client = await make_client(uri=libvirt_daemon.uri, call_timeout=3)
     status, body, seconds = await timed_wait(client, "/api/0/shutdown/stubborn?wait=1&timeout=6")
     assert (status, body) == (200, "still running")
-    assert 6 <= seconds < 6 + 3 + MARGIN_S
+    assert 6 <= seconds < 6 + 3 + MARGIN_S + SWEEP_S
 
 
 async def timed_wait(client: TestClient, path: str) -> tuple[int, Any, float]:
@@ -145,7 +157,7 @@ async def test_an_event_stream_outlives_the_request_time(make_client: ClientFact
     client = await make_client(call_timeout=0.2, heartbeat_s=0.1)
     async with client.ws_connect("/api/0/events") as ws:
         began = time.monotonic()
-        while time.monotonic() - began < 0.2 + MARGIN_S + 0.5:
+        while time.monotonic() - began < 0.2 + MARGIN_S + SWEEP_S + 0.5:
             await next_message(ws, lambda m: m["type"] == "heartbeat")
 
 
@@ -158,7 +170,15 @@ async def test_a_wait_with_no_bound_meets_the_margin_as_a_504(
         await never.wait()
         raise AssertionError("unreachable")
 
-    app = web.Application(middlewares=[json_errors, request_budget(0.2)])
+    budgets = Budgets(0.2)
+
+    async def sweeping(_app: web.Application) -> AsyncIterator[None]:
+        sweeper = asyncio.create_task(budgets.sweeping())
+        yield
+        sweeper.cancel()
+
+    app = web.Application(middlewares=[answers(budgets)])
+    app.cleanup_ctx.append(sweeping)
     app.router.add_get("/stuck", stuck)
     client = await aiohttp_client(app)
     began = time.monotonic()
@@ -166,6 +186,6 @@ async def test_a_wait_with_no_bound_meets_the_margin_as_a_504(
         response = await client.get("/stuck")
     assert response.status == 504
     assert (await response.json())["code"] == "request_timeout"
-    assert 0.2 + MARGIN_S <= time.monotonic() - began < 0.2 + MARGIN_S + LATE_S
+    assert 0.2 + MARGIN_S <= time.monotonic() - began < 0.2 + MARGIN_S + SWEEP_S + LATE_S
     assert any(r.levelno == logging.ERROR and "GET /stuck was still waiting" in r.getMessage()
                for r in caplog.records)

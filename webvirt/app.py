@@ -49,10 +49,11 @@ from webvirt.appkeys import (
     USB_RECONCILERS,
 )
 from webvirt.config import Settings
+from webvirt.deadline import Budgets
 from webvirt.hosts import Hosts, HostSpec, default_name
 from webvirt.hub import EventHub
 from webvirt.metrics import Metrics
-from webvirt.middlewares import json_errors, request_budget, streams
+from webvirt.middlewares import answers, streams
 from webvirt.mqtt_bridge import MqttBridge
 from webvirt.openapi import setup_openapi
 from webvirt.rules_store import RuleStore
@@ -61,6 +62,12 @@ from webvirt.tasks import cancel_and_wait
 from webvirt.templates import TemplateStore
 from webvirt.usage import UsageSampler
 from webvirt.usb_reconciler import UsbReconciler
+
+
+async def request_time(budgets: Budgets, _app: web.Application) -> AsyncIterator[None]:
+    sweeping = asyncio.create_task(budgets.sweeping())
+    yield
+    await cancel_and_wait(sweeping)
 
 
 async def rule_store(app: web.Application) -> AsyncIterator[None]:
@@ -210,8 +217,8 @@ def setup_routes(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     guard = Guard(settings)
-    app = web.Application(middlewares=[json_errors, request_budget(settings.call_timeout),
-                                       guard.middleware],
+    budgets = Budgets(settings.call_timeout)
+    app = web.Application(middlewares=[answers(budgets), guard.middleware],
                           client_max_size=connection_limits.MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[EVENT_HUB] = hub = EventHub(settings.replay_events)
@@ -225,8 +232,8 @@ def create_app(settings: Settings) -> web.Application:
     # One sampler per host: each reads its own host at its own pace.
     app[USAGE] = [UsageSampler(host, hub, settings.stats_interval_s) for host in hosts]
     # The rule store first: a state folder that cannot be used is said before libvirt is tried.
-    app.cleanup_ctx.extend([rule_store, libvirt_connection, usb_reconciler, event_stream,
-                            live_usage])
+    app.cleanup_ctx.extend([partial(request_time, budgets), rule_store, libvirt_connection,
+                            usb_reconciler, event_stream, live_usage])
     if settings.mqtt is not None:
         app.cleanup_ctx.append(mqtt_bridge)
     app.on_shutdown.extend([end_event_streams, end_libvirt_calls])

@@ -1,48 +1,82 @@
 """A request's time: every wait a request makes takes what is left of it, and says what it
-waited for when it runs out.
+waited for when it runs out; a request still waiting past its time and a margin is ended.
 
 A request may wait for several things in turn (libvirt twice, then the rule store); each is
 bounded, but their sum would not be. The budget binds the request's own task only: work it
 sets going in other tasks (a re-read, a USB pass) keeps its own bounds, whatever request
 happened to start it. An explicit wait (`?wait`) adds its own time to the budget.
+
+The last resort is a sweep, not a timer per request: a timer (asyncio.timeout) for each of
+thousands of requests a second cost a quarter of the cheapest request's time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
+import contextvars
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import cast
-
-
-@dataclass(slots=True)
-class Budget:
-    seconds: float  # in all, as the request began (for messages)
-    ends: float  # on the event loop's clock
-    owner: asyncio.Task[object] | None
-    timeout: asyncio.Timeout | None = None  # the request's last resort (middlewares.py)
-    margin: float = 0.0
-
 
 # A wait that would get nearly all of its own bound gets all of it: the request's first wait
 # does, whose bound is the request's time (--call-timeout), so that a libvirt call that
 # waited that long is taken for stuck (its connection is retired), not for out of time.
 SLACK_S = 0.5
+# Past its time, what a request's named waits need to answer (504 naming what they waited
+# for); a request still going after this waits for something that has no bound (a bug). The
+# sweep looks this often, so such a request ends within MARGIN_S + SWEEP_S of its time.
+MARGIN_S = 1.5
+SWEEP_S = 0.5
+
+
+class Budget:
+    __slots__ = ("ends", "overdue", "owner", "seconds", "token")
+
+    def __init__(self, seconds: float, ends: float, owner: asyncio.Task[object] | None):
+        self.seconds = seconds  # in all, as the request began (for messages)
+        self.ends = ends  # on the loop's clock
+        self.owner = owner
+        self.overdue = False  # cancelled by the sweep
+        self.token: contextvars.Token[Budget | None] | None = None
+
 
 _budget: ContextVar[Budget | None] = ContextVar("webvirt_request_budget", default=None)
 
 
-@contextlib.contextmanager
-def budget(seconds: float) -> Iterator[Budget]:
-    """The current task's request may take `seconds` from now."""
-    token = _budget.set(Budget(seconds, asyncio.get_running_loop().time() + seconds,
-                               asyncio.current_task()))
-    try:
-        yield cast(Budget, _budget.get())
-    finally:
-        _budget.reset(token)
+class Budgets:
+    """The requests under way, each with its time."""
+
+    __slots__ = ("_loop", "_open", "seconds")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds  # --call-timeout
+        self._open: set[Budget] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def begin(self) -> Budget:
+        """The current task's request has its time from now."""
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
+        budget = Budget(self.seconds, loop.time() + self.seconds, asyncio.current_task(loop))
+        budget.token = _budget.set(budget)
+        self._open.add(budget)
+        return budget
+
+    def end(self, budget: Budget) -> None:
+        self._open.discard(budget)
+        if budget.token is not None:
+            _budget.reset(budget.token)
+
+    def sweep(self) -> None:
+        """Cancels each request that is still waiting MARGIN_S past its time."""
+        late = asyncio.get_running_loop().time() - MARGIN_S
+        for budget in self._open:
+            if budget.ends < late and not budget.overdue and budget.owner is not None:
+                budget.overdue = True
+                budget.owner.cancel()
+
+    async def sweeping(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            self.sweep()
 
 
 def _current() -> Budget | None:
@@ -67,8 +101,5 @@ def within(seconds: float | None) -> tuple[float | None, Budget | None]:
 def extend(seconds: float) -> None:
     """An explicit wait of `seconds` (shutdown?wait, reboot?wait) is added to the budget."""
     budget = _current()
-    if budget is None:
-        return
-    budget.ends += seconds
-    if budget.timeout is not None:
-        budget.timeout.reschedule(budget.ends + budget.margin)
+    if budget is not None:
+        budget.ends += seconds
