@@ -259,6 +259,11 @@ class UsbReconciler:
                 await self._pass()
                 self.passes += 1
             except ApiError as err:
+                if not self.host.connected:
+                    # Lost (or webvirt stops) during the pass: the reconnect's "restored" asks
+                    # again, as for a pass asked for while away.
+                    log.debug("USB reconciliation stopped%s: %s", self.host.said, err.detail)
+                    return
                 log.warning("USB reconciliation failed%s: %s; trying again", self.host.said,
                             err.detail)
             except Exception:  # a bug here must not end reconciling for good
