@@ -152,3 +152,45 @@ def test_a_watch_dropped_after_its_loop_closed_closes_its_duplicate() -> None:
     assert peer.recv(1) == b""  # the end of the connection, seen by the other side
     peer.close()
     assert open_fds() == fds_before
+
+
+async def test_a_watch_dropped_while_the_loop_applies_it_is_removed_before_its_close(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """libvirt drops a connection's watch on its own thread whenever it likes, also while the
+    loop applies the watch's latest change. The drop came between the loop's two looks at
+    it: the duplicate was closed with asyncio still watching it, and the next file on that
+    number could not be watched at all (epoll: ENOENT), an HTTP client's connection once."""
+    loop = asyncio.get_running_loop()
+    impl = ThreadSafeImpl(loop)
+    monkeypatch.setattr(impl, "schedule_ff_callback", lambda iden, opaque: None)
+    mine, peer = socket.socketpair()
+    watch = await asyncio.to_thread(impl._add_handle, mine.fileno(), READABLE,
+                                    lambda *_: None, None)
+    await until(lambda: watches_settled(impl), 5, "the socket watched")
+    descriptor = impl.descriptors[mine.fileno()]
+    duplicate = descriptor._watched
+    assert watched(loop, duplicate) == READABLE
+
+    class DroppedAsItIsRead(type(descriptor.callbacks[watch])):  # type: ignore[misc]
+        """Its watch is dropped, on another thread, as the loop reads what it wants."""
+
+        @property
+        def event(self) -> int:
+            dropping = threading.Thread(target=impl._remove_handle, args=(watch,))
+            dropping.start()
+            dropping.join()
+            type(self).event = None  # once: a plain attribute again
+            return int(self.__dict__["event"])
+
+        @event.setter
+        def event(self, value: int) -> None:
+            self.__dict__["event"] = value
+
+    descriptor.callbacks[watch].__class__ = DroppedAsItIsRead
+    await asyncio.to_thread(impl._update_handle, watch, READABLE)  # the loop applies it
+    await until(lambda: descriptor._watched < 0, 5, "the duplicate closed")
+    try:
+        assert watched(loop, duplicate) == 0  # nothing watches the closed number
+    finally:
+        mine.close()
+        peer.close()

@@ -101,14 +101,19 @@ class _Descriptor(libvirtaio.Descriptor):
             self._scheduled = False
             if self._watched < 0:
                 return
+            # Read once: drop() may come from a worker thread at any moment, and then asks
+            # for an apply of its own. Read twice, a drop between the reads closed the
+            # duplicate with asyncio still watching it: the next file on that number could
+            # not be watched (epoll ENOENT), an HTTP connection on it never read.
+            gone = self._gone
         wanted = 0
-        if not self._gone:
+        if not gone:
             # A copy: worker threads add and remove this descriptor's callbacks meanwhile.
             for callback in list(self.callbacks.values()):
                 wanted |= callback.event or 0
         if wanted != self._applied:
             self._watch(wanted)
-        if self._gone:
+        if gone:
             self._close()
 
     def _watch(self, wanted: int) -> None:
