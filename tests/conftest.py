@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import itertools
 import os
+import re
 import shutil
 import threading
 import xml.etree.ElementTree as ET
@@ -46,6 +48,33 @@ def frozen_heap() -> None:
     that took 0.1-0.3 s per test, a third of the suite's time."""
     gc.collect()
     gc.freeze()
+
+
+_session_loop: list[asyncio.AbstractEventLoop] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def session_loop() -> None:
+    _session_loop.append(asyncio.get_running_loop())
+
+
+def stale_watches(loop: asyncio.AbstractEventLoop) -> list[int]:
+    """fds asyncio watches that epoll no longer does: their file was closed behind asyncio's
+    back (epoll forgets a closed file), and the next file on the number cannot be watched."""
+    selector = loop._selector  # type: ignore[attr-defined]  # private: what it watches
+    info = Path(f"/proc/self/fdinfo/{selector.fileno()}").read_text()
+    in_epoll = {int(fd) for fd in re.findall(r"^tfd:\s*(\d+)", info, re.M)}
+    return sorted(set(selector.get_map()) - in_epoll)
+
+
+@pytest.fixture(autouse=True)
+def no_stale_watches() -> Iterator[None]:
+    """The test that leaves asyncio watching a closed file fails, not a later one that gets
+    the number (a connect that fails with ENOENT, a request that is never read)."""
+    yield
+    if _session_loop and not _session_loop[0].is_closed():
+        stale = stale_watches(_session_loop[0])
+        assert not stale, f"asyncio still watches closed fds {stale}"
 
 
 @pytest.fixture(autouse=True)
