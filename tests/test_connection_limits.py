@@ -22,7 +22,7 @@ from typing import Any
 from support.processes import free_port, spawn_webvirt, status_number, wait_until_serving
 from tests.conftest import DEMO_HOST_URI
 from tests.waiting import until_sync
-from webvirt.connection_limits import HEAD_TOO_LARGE
+from webvirt.connection_limits import HEAD_TOO_LARGE, MAX_HEAD_BYTES, _HeadBytes
 
 REQUEST_START = b"GET /api/0/version HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 HEADER_8K = b"X-Fill: " + b"x" * 8000 + b"\r\n"
@@ -216,3 +216,38 @@ def test_a_client_that_hangs_up_mid_body_is_no_error(tmp_path: Path) -> None:
     assert log.count("POST /api/0/rules: the client hung up before its request was read "
                      "whole") == 5, log
     assert '"POST /api/0/rules HTTP/1.1" 500' not in log
+
+
+def test_the_head_count_holds_for_tiny_reads_and_after_a_chunked_body() -> None:
+    """Reads of three bytes were never counted, and a chunked body left the next 64 KiB
+    uncounted: either way a client could send heads as large as it liked."""
+    head = REQUEST_START + HEADER_8K * 9  # 72 KiB
+    tiny = _HeadBytes()
+    assert max(tiny.add(head[i:i + 3]) for i in range(0, len(head), 3)) > MAX_HEAD_BYTES
+    after_chunked = _HeadBytes()
+    assert after_chunked.add(b"POST /api/0/rules HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n") == 0
+    assert after_chunked.add(head) > MAX_HEAD_BYTES
+    # A body its Content-Length announces is not a head, whatever it holds.
+    with_body = _HeadBytes()
+    body = b"\r\n\r\n".join([b"x" * 30_000] * 3)
+    assert with_body.add(b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)) == 0
+    assert with_body.add(body) == 0 and with_body.add(REQUEST_START) == len(REQUEST_START)
+
+
+def test_a_chunked_body_is_read(tmp_path: Path) -> None:
+    port = free_port()
+    process = spawn_webvirt(DEMO_HOST_URI, port, state_dir=tmp_path)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}/api/0/version")
+        with connections(port, ["127.0.0.1"]) as (sock,):
+            body = json.dumps({"domain": "win11", "match": {"vendor_id": "046d",
+                                                            "product_id": "c52b"}}).encode()
+            sock.sendall(b"POST /api/0/rules HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                         b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            assert read_answer(sock).startswith(b"HTTP/1.1 201 Created\r\n")
+            sock.sendall(REQUEST_START + HEADER_8K * 9)  # and the next head is counted
+            assert read_answer(sock) == HEAD_TOO_LARGE
+    finally:
+        stop(process)

@@ -42,10 +42,11 @@ HEAD_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Leng
 # What bounds one request's body (aiohttp's client_max_size: 413 beyond). A rule is a few
 # hundred bytes.
 MAX_BODY_BYTES = 64 * 1024
-# A head's body: its Content-Length, or chunked (its end unknown here: the most a body may be
-# is left uncounted).
-_BODY = re.compile(rb"\r\n(?:content-length[ \t]*:[ \t]*(\d{1,18})|transfer-encoding[ \t]*:)",
-                   re.IGNORECASE)
+# A head's body, as its Content-Length says. A chunked body is counted as if it were a head
+# (431 beyond MAX_HEAD_BYTES, where aiohttp would answer 413 anyway): its last chunk ends in a
+# blank line, where counting starts afresh. Skipped unseen, it let a client send heads as
+# large as it liked.
+_BODY = re.compile(rb"\r\ncontent-length[ \t]*:[ \t]*(\d{1,18})", re.IGNORECASE)
 
 
 def raise_open_file_limit() -> None:
@@ -116,7 +117,7 @@ class RateLimitedWarning:
 
 class _HeadBytes:
     """How many bytes of a request head a connection has sent: those since the end of the
-    previous request, its body left out (what the head's Content-Length says: aiohttp bounds
+    previous request, its body left out (what the head's Content-Length says; aiohttp bounds
     bodies, MAX_BODY_BYTES). Counting starts afresh every HEADER_TIMEOUT, so that a WebSocket's
     small frames never add up."""
 
@@ -129,7 +130,8 @@ class _HeadBytes:
 
     def add(self, data: bytes) -> int:
         """The bytes of an unfinished head once `data` has come."""
-        if not self.head and not self.body_left and data.find(BLANK_LINE) == len(data) - 4 \
+        if not self.head and not self.body_left and data.endswith(BLANK_LINE) \
+                and data.find(BLANK_LINE) == len(data) - len(BLANK_LINE) \
                 and _BODY.search(data) is None:
             # Nearly every request: a whole head without a body, alone in one read.
             self.since = time.monotonic()
@@ -152,7 +154,7 @@ class _HeadBytes:
             end += len(BLANK_LINE)
             data = bytes(self.head[end:])
             match = _BODY.search(self.head, 0, end)
-            self.body_left = 0 if match is None else int(match.group(1) or MAX_BODY_BYTES)
+            self.body_left = 0 if match is None else int(match.group(1))
             self.head.clear()
             self.since = time.monotonic()
         return len(self.head)
