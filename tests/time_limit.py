@@ -40,7 +40,7 @@ class Watchdog:
         self._changed = threading.Condition()
         self._phase: tuple[str, str] | None = None  # (test id, set-up / call / tear-down)
         self._deadline = 0.0
-        self._allowed = 0.0
+        self._armed = 0.0  # when the phase began
         self.loop: asyncio.AbstractEventLoop | None = None
         self.root: asyncio.Task[Any] | None = None  # what pytest-asyncio runs now
         self.overruns: dict[tuple[str, str], str] = {}
@@ -49,8 +49,8 @@ class Watchdog:
     def arm(self, nodeid: str, when: str, seconds: float) -> None:
         with self._changed:
             self._phase = (nodeid, when)
-            self._allowed = seconds
-            self._deadline = time.monotonic() + seconds
+            self._armed = time.monotonic()
+            self._deadline = self._armed + seconds
             self._changed.notify()
 
     def disarm(self) -> None:
@@ -62,7 +62,6 @@ class Watchdog:
         """The phase under way may take `seconds` more from now."""
         with self._changed:
             if self._phase is not None:
-                self._allowed += seconds
                 self._deadline = max(self._deadline, time.monotonic() + seconds)
                 self._changed.notify()
 
@@ -76,7 +75,7 @@ class Watchdog:
                 if left > 0:
                     self._changed.wait(left)
                     continue
-                phase, allowed = self._phase, self._allowed
+                phase, allowed = self._phase, round(self._deadline - self._armed)
                 self._changed.release()
                 try:
                     self._overrun(phase, allowed)
@@ -90,11 +89,13 @@ class Watchdog:
         loop = self.loop
         if loop is not None and loop.is_running():
             def on_loop() -> None:
+                taken.set()
+                if self._phase != phase:
+                    return  # it ended meanwhile: the cancel would hit the next one's task
                 self.overruns[phase] = f"{header}\n\n{dump(loop)}"
                 root = self.root
                 if root is not None and not root.done():
                     root.cancel(f"time limit: over {allowed:g} s")
-                taken.set()
 
             try:
                 loop.call_soon_threadsafe(on_loop)
@@ -169,7 +170,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     global _watchdog
     config.addinivalue_line("markers", "time_limit(seconds): this test's limit per phase")
-    limit = config.getoption("--time-limit") or float(config.getini("time_limit"))
+    option = config.getoption("--time-limit")
+    limit = float(config.getini("time_limit")) if option is None else option
     _watchdog = Watchdog(limit, float(config.getini("time_limit_grace")),
                          config.pluginmanager.getplugin("capturemanager"))
 
