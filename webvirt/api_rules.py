@@ -3,6 +3,7 @@ webvirt/rules.py and kept by webvirt/rules_store.py; this only translates HTTP."
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -10,6 +11,7 @@ import logging
 from aiohttp import web
 from aiohttp_apigami import docs, match_info_schema, request_schema
 
+from webvirt import deadline
 from webvirt.appkeys import HOSTS, RULES
 from webvirt.errors import ApiError, NotFound
 from webvirt.hosts import Hosts, split_ref
@@ -20,7 +22,7 @@ from webvirt.schemas import Error, RuleBody, RulePath, UsbRule, error_responses
 log = logging.getLogger(__name__)
 
 RULE_NOT_FOUND = {"description": "Unknown rule, or unknown domain", "schema": Error}
-WRITE_ERRORS = {**error_responses(400, 413, 415, 503, 504), 404: RULE_NOT_FOUND}
+WRITE_ERRORS = {**error_responses(400, 408, 413, 415, 503, 504), 404: RULE_NOT_FOUND}
 BODY_DESCRIPTION = (
     "A rule hands a host USB device to a domain: `match` names the device by its vendor and "
     "product id (and serial, to tell alike devices apart), or by the port it is plugged into. "
@@ -45,8 +47,18 @@ async def read_rule_body(request: web.Request) -> RuleSpec:
     if request.content_type != "application/json":
         raise ApiError("send the rule as JSON, with Content-Type: application/json",
                        status=415, code="unsupported_media_type")
+    # The client's pace: bounded by the request's time, and said to be the body's fault.
+    limit, _budget = deadline.within(None)
     try:
-        body = json.loads(await request.read())
+        async with asyncio.timeout(limit) as timeout:
+            raw = await request.read()
+    except TimeoutError:
+        if not timeout.expired():
+            raise
+        raise ApiError(f"the request body did not arrive within {limit:g} s", status=408,
+                       code="body_timeout") from None
+    try:
+        body = json.loads(raw)
     except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
         raise ApiError(f"the body is not JSON: {err}", code="bad_json") from None
     try:

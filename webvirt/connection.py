@@ -67,7 +67,7 @@ class Connection:
         """Open the connection on its thread; answers the URI libvirt resolved."""
         self._thread.start()
         try:
-            return await self._await(self._submit(self._open_blocking), seconds)
+            return await self._await(self._open_blocking, seconds)
         except libvirt.libvirtError as err:
             self.retire("could not open")
             raise Unavailable(f"cannot connect to libvirt at {self.uri or 'the default URI'}: "
@@ -93,7 +93,7 @@ class Connection:
         if self.retired or self._conn is None:
             raise Unavailable("the libvirt connection is gone; reconnecting")
         conn = self._conn
-        return await self._await(self._submit(lambda: fn(conn)), seconds)
+        return await self._await(lambda: fn(conn), seconds)
 
     def _submit(self, fn: Callable[[], T]) -> _Call[T]:
         job: Future[T] = Future()
@@ -115,47 +115,47 @@ class Connection:
         else:
             call.answer.set_result(call.job.result())
 
-    async def _await(self, call: _Call[T], seconds: float | None) -> T:
+    async def _await(self, fn: Callable[[], T], seconds: float | None) -> T:
         limit, budget = deadline.within(seconds)
+        if limit is not None and limit <= 0 and budget is not None:
+            raise CallTimeout(f"no time was left for libvirt in this request ({budget.seconds:g} "
+                              "s in all, --call-timeout); the call was not made")
+        call = self._submit(fn)
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as timeout:
                 return await call.answer
         except TimeoutError:
-            # Not started yet: it never will be (an action is not done after its request
-            # was told it failed).
-            begun = not call.job.cancel()
+            if not timeout.expired():
+                raise  # the call's own (a socket's timeout in libvirt's Python code)
+            call.job.cancel()
+            outcome = not_made_or_may_complete(call)
             if budget is None:
-                # The thread is stuck in that call: nothing more may queue behind it.
+                # The thread is stuck (in this call or one before it): nothing more may
+                # queue behind it.
                 self.retire(f"no answer within {seconds:g} s")
-                raise CallTimeout(
-                    f"libvirt did not answer within {seconds:g} s (is the daemon stuck?)"
-                ) from None
-            raise CallTimeout(
-                f"libvirt did not answer in the time this request has ({budget.seconds:g} s "
-                f"in all, --call-timeout); "
-                + ("the call may still complete" if begun else "the call was not made")
-            ) from None
+                raise CallTimeout(f"libvirt did not answer within {seconds:g} s (is the daemon "
+                                  f"stuck?); {outcome}") from None
+            raise CallTimeout(f"libvirt did not answer in the time this request has "
+                              f"({budget.seconds:g} s in all, --call-timeout); {outcome}"
+                              ) from None
+        except asyncio.CancelledError:
+            call.job.cancel()  # whoever cancels the caller (the sweep, a stop): not made
+            raise
 
     def retire(self, reason: str, abandon: bool = False) -> None:
         """No new calls; the owner is told once; the thread closes the connection and ends.
         Calls not begun are not made (their callers are told now); with `abandon`, the callers
         of the call under way are told too, without waiting for it (webvirt stops)."""
-        if self.retired:
-            return
-        self.retired = True
-        self._on_retired(self, reason)
+        if not self.retired:
+            self.retired = True
+            self._on_retired(self, reason)
+            self._jobs.put((Future(), self._close_blocking))
+            self._jobs.put(None)
         for call in list(self._calls):
-            if call.answer.done():
+            if call.answer.done() or not (call.job.cancel() or abandon):
                 continue
-            if call.job.cancel():
-                call.answer.set_exception(Unavailable(
-                    f"the libvirt connection was closed ({reason}); the call was not made"))
-            elif abandon:
-                call.answer.set_exception(Unavailable(
-                    f"the libvirt connection was closed ({reason}); the call may still "
-                    "complete"))
-        self._jobs.put((Future(), self._close_blocking))
-        self._jobs.put(None)
+            call.answer.set_exception(Unavailable(
+                f"the libvirt connection was closed ({reason}); {not_made_or_may_complete(call)}"))
 
     def _close_blocking(self) -> None:
         conn, self._conn = self._conn, None
@@ -192,6 +192,11 @@ class Connection:
     def _ended(self) -> None:
         if not self.ended.done():
             self.ended.set_result(None)
+
+
+def not_made_or_may_complete(call: _Call[Any]) -> str:
+    """What became of a call its caller stops waiting for (cancel it first, if not begun)."""
+    return "the call was not made" if call.job.cancelled() else "the call may still complete"
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:

@@ -28,11 +28,12 @@ SWEEP_S = 0.5
 
 
 class Budget:
-    __slots__ = ("ends", "overdue", "owner", "seconds", "token")
+    __slots__ = ("began", "ends", "overdue", "owner", "seconds", "token")
 
-    def __init__(self, seconds: float, ends: float, owner: asyncio.Task[object] | None):
+    def __init__(self, seconds: float, began: float, owner: asyncio.Task[object] | None):
         self.seconds = seconds  # in all, as the request began (for messages)
-        self.ends = ends  # on the loop's clock
+        self.began = began  # on the loop's clock
+        self.ends = began + seconds  # and later, with what an explicit wait adds
         self.owner = owner
         self.overdue = False  # cancelled by the sweep
         self.token: contextvars.Token[Budget | None] | None = None
@@ -55,7 +56,7 @@ class Budgets:
         """The current task's request has its time from now."""
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
-        budget = Budget(self.seconds, loop.time() + self.seconds, asyncio.current_task(loop))
+        budget = Budget(self.seconds, loop.time(), asyncio.current_task(loop))
         budget.token = _budget.set(budget)
         self._open.add(budget)
         return budget
@@ -64,6 +65,9 @@ class Budgets:
         self._open.discard(budget)
         if budget.token is not None:
             _budget.reset(budget.token)
+        # Tasks the request started keep a copy of its context, this budget in it: not the
+        # request's task (and its response) with it.
+        budget.owner = None
 
     def sweep(self) -> None:
         """Cancels each request that is still waiting MARGIN_S past its time."""

@@ -86,6 +86,7 @@ class Host:
         # libvirt's and the hypervisor's versions, read at each connect (GET /api/0/hosts).
         self.versions: dict[str, str | None] = dict.fromkeys(VERSION_KEYS)
         self._connections: list[Connection] = []
+        self._draining: set[Connection] = set()  # retired, their threads not ended yet
         self._busy: set[str] = set()  # UUIDs with an exclusive operation under way
         self._dirty: set[str] = set()  # UUIDs to re-read
         # What the event stream last said each domain's state is (by UUID), and the domains
@@ -95,7 +96,7 @@ class Host:
         self._tasks: set[asyncio.Task[None]] = set()
         self._refresher: asyncio.Task[None] | None = None
         self._reconnector: asyncio.Task[None] | None = None
-        self._closing = False
+        self._closing = self._closed = False
         self._ever_connected = False
         # Told the seconds each call took, queueing included (webvirt/metrics.py).
         self.call_listeners: list[Callable[[float], None]] = []
@@ -117,7 +118,7 @@ class Host:
     async def open(self) -> None:
         """Connect at start; raises Unavailable with libvirt's reason when it cannot."""
         ensure_event_impl()
-        self._closing = False
+        self._closing = self._closed = False
         await self._connect(open_seconds=self.call_timeout)
         self._start_following()
         log.info("connected to libvirt at %s", self.connected_uri)
@@ -127,7 +128,7 @@ class Host:
         webvirt serves the others meanwhile). The task ends at the first attempt's outcome;
         a failed one leaves the reconnect loop running."""
         ensure_event_impl()
-        self._closing = False
+        self._closing = self._closed = False
         self._start_following()
         return self._spawn(self._first_connect())
 
@@ -188,6 +189,9 @@ class Host:
             self._start_refreshing()
 
     def _retired(self, connection: Connection, reason: str) -> None:
+        # Until its thread ends, a call may still wait on it: webvirt's stop tells its caller.
+        self._draining.add(connection)
+        connection.ended.add_done_callback(lambda _f: self._draining.discard(connection))
         if connection not in self._connections:
             return
         connections, self._connections = self._connections, []
@@ -221,17 +225,22 @@ class Host:
             return
 
     async def close(self) -> None:
-        self._closing = True
+        """Once: webvirt's stop closes the hosts first (app.end_libvirt_calls), the clean-up
+        again in case the stop did not come to it."""
+        if self._closed:
+            return
+        self._closed = self._closing = True
         await cancel_and_wait(*self._tasks)
         connections, self._connections = self._connections, []
         if self.connected:
             self.connected = False
             self.publish("connection", state="lost", reason="server shutting down")
-        for connection in connections:
+        # Also those of a session lost before, whose calls may still wait on a stuck thread.
+        for connection in {*connections, *self._draining}:
             connection.retire("server shutting down", abandon=True)
-        if connections:
+        if self._draining:
             # Bounded: a stuck daemon is not worth waiting for at shutdown.
-            await asyncio.wait([c.ended for c in connections], timeout=SHUTDOWN_CALL_S)
+            await asyncio.wait([c.ended for c in self._draining], timeout=SHUTDOWN_CALL_S)
         # Free libvirt objects still held in reference cycles while the loop can release them.
         gc.collect()
         await asyncio.sleep(0)

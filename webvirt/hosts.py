@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from webvirt import deadline
 from webvirt.config import HOST_NAME
 from webvirt.domain_cache import DomainEntry
 from webvirt.errors import ApiError, Conflict, NotFound
@@ -182,12 +183,13 @@ class Hosts:
         EACH_HOST_S: a frozen daemon that keepalive has not yet given up delays the others by
         that much at most, and its read goes on unheard."""
         tasks = {host: asyncio.ensure_future(read(host)) for host in self}
-        _done, late = await asyncio.wait(tasks.values(), timeout=EACH_HOST_S)
+        limit, _budget = deadline.within(EACH_HOST_S)  # and not past the request's time
+        _done, late = await asyncio.wait(tasks.values(), timeout=limit)
         answers: list[tuple[Host, T | None]] = []
         for host, task in tasks.items():
             if task in late:
                 log.warning("%s: host %s did not answer within %g s; left out", what,
-                            host.name, EACH_HOST_S)
+                            host.name, limit)
                 self._unheard.add(task)
                 task.add_done_callback(self._forget)
                 answers.append((host, None))

@@ -68,7 +68,7 @@ def answers(budgets: Budgets) -> Middleware:
             # The sweep's cancel, and no other (webvirt stopping cancels too).
             if budget is None or not budget.overdue or (budget.owner and budget.owner.uncancel()):
                 raise
-            waited = budget.seconds + MARGIN_S
+            waited = round(asyncio.get_running_loop().time() - budget.began, 1)
             log.error("%s %s was still waiting %g s after its time, for something that has no "
                       "bound (a bug)", request.method, request.path, MARGIN_S)
             return error_body(504, "request_timeout",

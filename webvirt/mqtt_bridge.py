@@ -361,6 +361,8 @@ class MqttBridge:
                     await self._serve(client)
             except aiomqtt.MqttError as err:
                 self._report(where, err)
+            except ApiError as err:  # the rule store, unreadable or stuck: tried again
+                log.warning("MQTT: %s; reconnecting", err.detail)
             except Exception:  # a bug must not end the bridge for good
                 log.exception("MQTT bridge failed; reconnecting")
             finally:

@@ -86,14 +86,16 @@ class RuleStore:
         """Create the state folder (mode 0700) and the database if need be, and bring its
         schema up to date; StoreFailed says why it cannot."""
         try:
-            await self._run(self._open)
+            # Not bounded: a start-up, not a request (and one given up would leave the lock
+            # taken by the thread that goes on).
+            await asyncio.wrap_future(self._executor.submit(self._open))
         except BaseException:
             self._executor.shutdown(wait=False)
             raise
 
     async def close(self) -> None:
         """After every write already asked for; the thread ends."""
-        await self._run(self._close)
+        await asyncio.wrap_future(self._executor.submit(self._close))
         self._executor.shutdown(wait=True)
 
     async def list(self) -> Rules:
@@ -139,9 +141,11 @@ class RuleStore:
         write behind one, must not hold a request for ever)."""
         limit, _budget = deadline.within(self.timeout)
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as timeout:
                 return await done
         except TimeoutError:
+            if not timeout.expired():
+                raise
             outcome = "it was not done" if job.cancel() else "it may still be done"
             raise StoreTimeout(f"the rule store ({self.path}) could not {what} within "
                                f"{limit:g} s; {outcome}") from None
@@ -202,8 +206,12 @@ class RuleStore:
             raise StoreFailed(f"the state folder {self.path.parent} is in use by another "
                               f"webvirt (process {holder}); give each webvirt a --state-dir "
                               "of its own") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            os.close(fd)
+            raise StoreFailed(f"cannot write {path}: {err.strerror or err}") from None
         return fd
 
     def _unlock(self) -> None:

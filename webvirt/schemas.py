@@ -75,6 +75,7 @@ def error_responses(*statuses: int) -> dict[int, dict[str, object]]:
         400: "Bad or missing parameter",
         403: "Refused",
         404: "Unknown domain or template",
+        408: "The body did not arrive in the request's time (--call-timeout)",
         409: "Wrong state, or libvirt refused",
         413: "The body is over 64 KiB",
         415: "The body is not sent as JSON (Content-Type: application/json)",
