@@ -177,11 +177,12 @@ UNSENDABLE = "use only letters, digits and - . _ ~ + /"
     (["--token", f"{GOOD_TOKEN}é"], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
     (["--token", f"{GOOD_TOKEN}\t"], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
     (["--token", f"={GOOD_TOKEN}"], {}, f"--token (or $WEBVIRT_TOKEN): {UNSENDABLE}"),
+    (["--token", "a" + "=" * 15], {}, f"--token (or $WEBVIRT_TOKEN): {TOO_SHORT}"),  # padding
     (["--token", GOOD_TOKEN, "--read-token", f"{GOOD_TOKEN}#x"], {},
      f"--read-token (or $WEBVIRT_READ_TOKEN): {UNSENDABLE}"),
 ], ids=["one-letter", "15-letters", "empty", "environment", "read-token",
         "read-token-environment", "blank", "spaces", "ampersand", "quote", "non-ascii", "tab",
-        "equals-first", "read-token-hash"])
+        "equals-first", "padding", "read-token-hash"])
 def test_a_short_or_unsendable_token_is_refused_at_start(
         tmp_path: Path, options: list[str], environ: dict[str, str], error: str) -> None:
     env = {key: value for key, value in os.environ.items()

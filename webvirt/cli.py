@@ -127,9 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also accept requests whose Host header is NAME (repeatable, or "
                              "comma-separated; '*' for any). IP addresses, localhost and this "
                              "machine's hostname are always accepted")
-    parser.add_argument("--call-timeout", metavar="SECONDS", type=float, default=30.0,
-                        help="fail a request with 504 when libvirt takes longer "
-                             "(default: %(default)s)")
+    parser.add_argument("--call-timeout", metavar="SECONDS", type=seconds, default=30.0,
+                        help="the time a request may wait for libvirt and the rule store, "
+                             "together: past it, 504 saying what did not answer (default: "
+                             "%(default)s)")
     parser.add_argument("--replay-buffer", metavar="EVENTS", type=int, default=1000,
                         help="events kept for event clients that resume after a reconnect "
                              "(default: %(default)s)")
@@ -207,7 +208,7 @@ def split_tokens(value: str) -> list[str]:
 
 def token_problem(token: str) -> str | None:
     """Why webvirt refuses this token, or None."""
-    if len(token) < MIN_TOKEN_LENGTH:
+    if len(token.rstrip("=")) < MIN_TOKEN_LENGTH:  # padding is no secret
         return (f"use at least {MIN_TOKEN_LENGTH} characters (a short token is guessed; "
                 "`openssl rand -hex 16` makes one)")
     if not TOKEN_SYNTAX.fullmatch(token):

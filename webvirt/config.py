@@ -118,9 +118,9 @@ class Settings:
     replay_events: int = 1000
     # Seconds between live `stats` messages (sampled only while a client asks for them).
     stats_interval_s: float = 2.0
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # as the MQTT password
     # Tokens that may read (state, lists, events) but not act.
-    read_tokens: tuple[str, ...] = ()
+    read_tokens: tuple[str, ...] = field(default=(), repr=False)
     # Other sites' pages (e.g. an OBS overlay hosted elsewhere) that may read the API and the
     # event stream in a browser: exact origins, "null" only when named.
     allowed_origins: tuple[str, ...] = ()
