@@ -194,3 +194,22 @@ async def test_a_watch_dropped_while_the_loop_applies_it_is_removed_before_its_c
     finally:
         mine.close()
         peer.close()
+
+
+def test_a_watch_added_on_the_thread_of_a_closed_loop_is_no_error() -> None:
+    """After asyncio.run() has ended, a libvirt connection opened on the same thread (a
+    script, the bench) added its watch and keepalive timer to the closed loop: an error
+    printed for each."""
+    loop = asyncio.new_event_loop()
+    impl = ThreadSafeImpl(loop)
+    loop.close()
+    mine, peer = socket.socketpair()
+    try:
+        watch = impl._add_handle(mine.fileno(), READABLE, lambda *_: None, None)
+        timer = impl._add_timeout(1000, lambda *_: None, None)
+        impl._update_timeout(timer, 500)
+        impl._remove_timeout(timer)
+        impl._remove_handle(watch)
+    finally:
+        mine.close()
+        peer.close()

@@ -74,7 +74,7 @@ class _Descriptor(libvirtaio.Descriptor):
 
     def update(self) -> None:
         if self.impl.on_loop_thread():
-            self._apply()
+            self.impl.on_loop(self._apply)  # now, unless the loop is closed: nothing to watch
             return
         with self._lock:
             if self._scheduled:
@@ -159,7 +159,7 @@ class _Timer(libvirtaio.TimeoutCallback):
     def update(self, timeout: int) -> None:
         if self.impl.on_loop_thread():
             self.timeout = timeout
-            self._apply()
+            self.impl.on_loop(self._apply)  # now, unless the loop is closed: nothing to time
             return
         with self._lock:
             self.timeout = timeout
