@@ -22,6 +22,7 @@ from playwright.async_api import Browser, Page, async_playwright
 from support.usb_lab import GUEST_NAME, Lab, LabError
 from tests.libvirt_daemon import LibvirtDaemon
 from tests.processes import REPO
+from tests.streamdeck_app import FakeStreamDeck
 from tests.waiting import until_sync
 from webvirt.app import create_app
 from webvirt.config import Settings
@@ -32,6 +33,7 @@ pytest_plugins = ["pytester", "tests.time_limit"]
 DEMO_HOST_URI = f"test://{REPO / 'demo' / 'host.xml'}"
 
 ClientFactory = Callable[..., Awaitable[TestClient]]
+DeckFactory = Callable[..., Awaitable[FakeStreamDeck]]
 
 CHROMIUM = os.environ.get("WEBVIRT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -156,6 +158,22 @@ def make_client(aiohttp_client: Any, devices_dir: Path, tmp_path: Path) -> Clien
         return await aiohttp_client(create_app(settings))
 
     return make
+
+
+@pytest.fixture
+async def make_deck() -> AsyncIterator[DeckFactory]:
+    """The Stream Deck app, as tests/streamdeck_app.py plays it, with the built plugin
+    following webvirt at `server`."""
+    decks: list[FakeStreamDeck] = []
+
+    async def make(server: str, token: str = "") -> FakeStreamDeck:
+        deck = await FakeStreamDeck({"server": server, "token": token}).start()
+        decks.append(deck)
+        return deck
+
+    yield make
+    for deck in decks:
+        await deck.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,37 @@
+// The USB key's page: the host's USB devices (of the VM's host), to pick the one the key hands
+// over; saved with its ids and a short name for the key.
+/* global document, window, Option */
+{
+  const pi = window.pi;
+
+  function askDevices(domain) {
+    if (domain) pi.ask("devices", { domain });
+  }
+
+  pi.on("connected", () => {
+    const select = document.getElementById("device");
+    select.addEventListener("change", () => {
+      const option = select.selectedOptions[0];
+      const [vendor, product] = select.value.split(":");
+      pi.saveSettings({ vendor_id: vendor ?? "", product_id: product ?? "",
+        label: option?.dataset.label ?? "" });
+    });
+    askDevices(pi.settings.domain);
+  });
+  pi.on("domain", askDevices);
+
+  pi.on("devices", (reply) => {
+    const select = document.getElementById("device");
+    const chosen = pi.settings.vendor_id ? `${pi.settings.vendor_id}:${pi.settings.product_id}` : "";
+    select.replaceChildren(new Option(reply.ok ? "choose a device" : "no devices", ""));
+    for (const item of reply.items ?? []) {
+      const value = `${item.vendor_id}:${item.product_id}`;
+      const option = new Option(`${item.label} (${value})`, value, false, value === chosen);
+      option.dataset.label = item.label;
+      select.add(option);
+    }
+    if (chosen && ![...select.options].some((o) => o.value === chosen)) {
+      select.add(new Option(`${pi.settings.label || chosen} (not plugged)`, chosen, false, true));
+    }
+  });
+}
