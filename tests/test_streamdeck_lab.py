@@ -1,5 +1,5 @@
 """The Stream Deck plugin's USB key on the USB lab: a real plug, a real guest; a press hands the
-device to the guest, the next takes it back, and the key follows each within a second."""
+device to the guest, the next takes it back, and the key follows each within 1.5 s."""
 
 from __future__ import annotations
 

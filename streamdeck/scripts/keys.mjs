@@ -10,11 +10,12 @@ const gallery = {
   "shut off": powerKey("win11", "shut off"),
   asleep: powerKey("win11", "asleep"),
   crashed: powerKey("win11", "crashed"),
-  "no such VM": powerKey("win10", "not found"),
-  offline: powerKey("win11", "unreachable"),
-  "wrong token": powerKey("win11", "wrong token"),
+  "no such VM": powerKey("win10", "no such VM"),
+  offline: powerKey("win11", "offline"),
+  "libvirt down": powerKey("win11", "libvirt down"),
+  "wrong token": powerKey("win11", "token?"),
   "USB attached": usbKey("win11", "G502 mouse", "attached"),
-  "USB not here": usbKey("win11", "G502 mouse", "detached"),
+  "USB not here": usbKey("win11", "G502 mouse", "not here"),
   usage: usageKey("win11", cpu, 41, "running"),
 };
 const defaults = {

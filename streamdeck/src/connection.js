@@ -1,13 +1,15 @@
 // The plugin's one webvirt: made from the global settings (server, token), replaced when they
 // change. Keys listen here and hear of every change of the webvirt they show.
 
-import { Webvirt, validServer } from "./webvirt.js";
+import { Api, validServer } from "./api.js";
+import { Webvirt } from "./webvirt.js";
 
 export class Connection {
   constructor(logger) {
     this.logger = logger;
     this.settings = { server: "", token: "" };
     this.webvirt = null; // none until a valid server is set
+    this.configured = false; // the global settings have come (keys wait for them to draw)
     this.listeners = new Set();
     this.removeFromWebvirt = null;
   }
@@ -25,7 +27,9 @@ export class Connection {
   configure(settings) {
     const server = String(settings?.server ?? "").trim();
     const token = String(settings?.token ?? "").trim();
-    if (server === this.settings.server && token === this.settings.token) return;
+    const first = !this.configured;
+    this.configured = true;
+    if (!first && server === this.settings.server && token === this.settings.token) return;
     this.settings = { server, token };
     this.removeFromWebvirt?.();
     this.webvirt?.stop();
@@ -41,10 +45,9 @@ export class Connection {
     this.webvirt?.start();
   }
 
-  // A webvirt for the property inspector's questions: these settings, not yet saved perhaps.
+  // The API for the property inspector's questions: these settings, not yet saved perhaps.
   probe(server, token) {
     server = String(server ?? "").trim();
-    return validServer(server) ? new Webvirt(server, String(token ?? "").trim(), this.logger)
-      : null;
+    return validServer(server) ? new Api(server, String(token ?? "").trim()) : null;
   }
 }

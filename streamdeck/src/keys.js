@@ -3,25 +3,31 @@
 
 const SIZE = 144;
 
-// Background and text colour, and the word under the name, of each look.
+// Each look: its background and text colour; its word (under the name) is its name. The states
+// of a VM differ by colour too, so a glance from across the room is enough; what keeps a
+// state from being known is black with a dashed border.
 export const LOOKS = {
-  running: { fill: "#1f7a3a", ink: "#ffffff", word: "running" },
-  paused: { fill: "#b7791f", ink: "#ffffff", word: "paused" },
-  stopping: { fill: "#7a5a1f", ink: "#ffffff", word: "stopping" },
-  "shut off": { fill: "#3a3f47", ink: "#d0d4da", word: "shut off" },
-  asleep: { fill: "#2b4a8a", ink: "#ffffff", word: "asleep" },
-  crashed: { fill: "#9b1c1c", ink: "#ffffff", word: "crashed" },
-  unknown: { fill: "#3a3f47", ink: "#d0d4da", word: "unknown" },
-  "not found": { fill: "#000000", ink: "#f06a6a", word: "no such VM" },
-  unreachable: { fill: "#000000", ink: "#8a8f98", word: "offline" },
-  "wrong token": { fill: "#000000", ink: "#f0b429", word: "token?" },
-  "set up": { fill: "#000000", ink: "#8a8f98", word: "set up" },
-  attached: { fill: "#1f7a3a", ink: "#ffffff", word: "attached" },
-  detached: { fill: "#3a3f47", ink: "#d0d4da", word: "not here" },
+  running: { fill: "#1f7a3a", ink: "#ffffff" },
+  paused: { fill: "#b7791f", ink: "#ffffff" },
+  stopping: { fill: "#7a5a1f", ink: "#ffffff" },
+  "shut off": { fill: "#3a3f47", ink: "#d0d4da" },
+  asleep: { fill: "#2b4a8a", ink: "#ffffff" },
+  crashed: { fill: "#9b1c1c", ink: "#ffffff" },
+  unknown: { fill: "#4b3d63", ink: "#ffffff" },
+  attached: { fill: "#1f7a3a", ink: "#ffffff" },
+  "not here": { fill: "#3a3f47", ink: "#d0d4da" },
+  "no such VM": { fill: "#000000", ink: "#f06a6a", dashed: true },
+  offline: { fill: "#000000", ink: "#8a8f98", dashed: true },
+  "libvirt down": { fill: "#000000", ink: "#c98ad6", dashed: true },
+  "token?": { fill: "#000000", ink: "#f0b429", dashed: true },
+  "set up": { fill: "#000000", ink: "#8a8f98", dashed: true },
 };
+const ON = new Set(["running", "paused", "stopping", "asleep"]);
 
+// For SVG text: markup escaped, and what XML cannot hold at all left out.
 export function escape(text) {
-  return String(text).replace(/[<>&"']/g, (c) => `&#${c.charCodeAt(0)};`);
+  return String(text).replace(/[\u0000-\u0008\u000b\u000c\u000e-\u001f\ufffe\uffff]/g, "")
+    .replace(/[<>&"']/g, (c) => `&#${c.charCodeAt(0)};`);
 }
 
 // A name that fits the key: long ones are cut, and smaller.
@@ -55,25 +61,22 @@ function powerSymbol(ink, on) {
 // A VM's power key: its name and state (or why it cannot be known).
 export function powerKey(name, look) {
   const style = LOOKS[look] ?? LOOKS.unknown;
-  const on = ["running", "paused", "stopping", "asleep"].includes(look);
-  const dashed = ["unreachable", "wrong token", "set up", "not found"].includes(look);
-  return svg(`${powerSymbol(style.ink, on)}${nameLine(name || "—", 98, style.ink)}`
+  return svg(`${powerSymbol(style.ink, ON.has(look))}${nameLine(name || "—", 98, style.ink)}`
     + `<text x="72" y="128" font-family="sans-serif" font-size="20" fill="${style.ink}" `
-    + `text-anchor="middle">${escape(style.word)}</text>`, style.fill, dashed);
+    + `text-anchor="middle">${escape(look)}</text>`, style.fill, style.dashed);
 }
 
 // A USB key: the device, the VM, and whether the VM holds it.
 export function usbKey(name, device, look) {
   const style = LOOKS[look] ?? LOOKS.unknown;
-  const dashed = !["attached", "detached"].includes(look);
   const plug = `<g fill="${style.ink}"><rect x="60" y="14" width="24" height="30" rx="3"/>`
     + `<rect x="64" y="20" width="5" height="6"/><rect x="75" y="20" width="5" height="6"/>`
     + `<rect x="68" y="44" width="8" height="14"/></g>`;
   return svg(`${plug}<text x="72" y="80" font-family="sans-serif" font-size="17" `
     + `fill="${style.ink}" text-anchor="middle">${escape(device)}</text>`
     + `${nameLine(name || "—", 106, style.ink)}<text x="72" y="132" font-family="sans-serif" `
-    + `font-size="19" fill="${style.ink}" text-anchor="middle">${escape(style.word)}</text>`,
-  style.fill, dashed);
+    + `font-size="19" fill="${style.ink}" text-anchor="middle">${escape(look)}</text>`,
+  style.fill, style.dashed);
 }
 
 // A usage key: the last CPU samples as a graph, and the latest CPU and memory figures.

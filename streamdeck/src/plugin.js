@@ -8,6 +8,11 @@ import { Usage } from "./actions/usage.js";
 import { Usb } from "./actions/usb.js";
 import { Connection } from "./connection.js";
 
+// The last resort for a bug: logged, and every key goes on (the SDK would end the process).
+process.on("unhandledRejection", (error) => {
+  streamDeck.logger.error(`unhandled: ${error?.stack || error}`);
+});
+
 const connection = new Connection(streamDeck.logger);
 for (const action of [new Power(connection), new Usb(connection), new Usage(connection)]) {
   streamDeck.actions.registerAction(action);

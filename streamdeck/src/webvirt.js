@@ -1,34 +1,26 @@
 // One webvirt server as the keys see it: a single event connection for all of them (states,
-// the devices each VM holds, live usage), and the API calls a key press makes. The token goes
-// in a header, never in a URL.
+// the libvirt hosts' connections, the devices each VM holds, live usage), and its API.
 
 import WebSocket from "ws";
 
-import { EventStream, REFUSED_RETRY_MS, STATE_LABELS, refOf } from "../../static/stream.js";
+import { EventStream, STATE_LABELS, isActive, refOf } from "../../static/stream.js";
+import { Api, REQUEST_MS } from "./api.js";
 
-const REQUEST_MS = 10_000;
-// The stream's categories: states, devices (what a USB key shows), the connection.
+// The stream's categories: states, devices (what a USB key shows), libvirt's connection.
 const TYPES = "lifecycle,device,connection";
-// What a usage key's graph keeps (one sample per --stats-interval, 2 s by default).
+// What a usage key's graph keeps: a minute at webvirt's default --stats-interval (2 s).
 const SAMPLES = 30;
-
-// What a key shows for the server as a whole, before any VM's own state.
-export const LINK = {
-  setUp: "set up",
-  unreachable: "unreachable",
-  wrongToken: "wrong token",
-  up: "up",
-};
 
 export class Webvirt {
   constructor(server, token, logger) {
-    this.server = server.replace(/\/+$/, "");
-    this.token = token;
+    this.api = new Api(server, token);
     this.logger = logger;
-    this.link = LINK.unreachable;
-    this.why = "connecting";
+    this.link = null; // "up", "offline" or "token?": the server, before any VM
+    this.refusedWith = null; // the status that refused the last upgrade
     this.domains = new Map(); // ref -> {name, state, host}
-    this.held = new Map(); // ref -> Set of "vendor:product"
+    this.hostsDown = new Set(); // libvirt hosts webvirt has lost ("" with one host)
+    this.held = new Map(); // ref -> Set of "vendor:product"; null: could not be read
+    this.heldReads = new Map(); // ref -> number of the latest read (older answers are stale)
     this.usage = new Map(); // ref -> {cpu: [...], memory}
     this.watchingDevices = new Map(); // ref -> number of USB keys that show it
     this.statsWanted = 0; // usage keys shown
@@ -38,7 +30,12 @@ export class Webvirt {
       url: (lastEventId) => this.streamUrl(lastEventId),
       onMessage: (message) => this.handle(message),
       onState: (up, why) => this.linkChanged(up, why),
+      onError: (error) => this.logger.error(`an event could not be handled: ${error.stack}`),
     });
+  }
+
+  get server() {
+    return this.api.server;
   }
 
   // Registers a listener of every change; answers its remover.
@@ -62,8 +59,8 @@ export class Webvirt {
   }
 
   stop() {
-    this.stream.stop();
     this.listeners.clear();
+    this.stream.stop();
   }
 
   streamUrl(lastEventId) {
@@ -75,51 +72,71 @@ export class Webvirt {
   }
 
   openSocket(url) {
-    const socket = new WebSocket(url, { headers: this.headers(), handshakeTimeout: REQUEST_MS });
-    // A refused upgrade says why (401: the token); ws then reports only "closed".
-    socket.on("unexpected-response", (_request, response) => {
-      this.refusedWith = response.statusCode;
-      if (response.statusCode === 401 || response.statusCode === 403) {
-        this.stream.holdNext = REFUSED_RETRY_MS; // asking again every second changes nothing
-      }
-      socket.terminate();
-    });
+    const socket = new WebSocket(url, { headers: this.api.headers(),
+      handshakeTimeout: REQUEST_MS });
     this.refusedWith = null;
+    socket.on("unexpected-response", (_request, response) => {
+      // A refused upgrade says why (401: the token); ws then reports only "closed".
+      this.refusedWith = response.statusCode;
+      if ([401, 403].includes(response.statusCode)) this.stream.refused();
+      socket.terminate();
+      this.setLink(response.statusCode === 401 ? "token?" : "offline",
+        `answered ${response.statusCode}`);
+    });
     return socket;
   }
 
-  headers() {
-    return this.token ? { Authorization: `Bearer ${this.token}` } : {};
+  linkChanged(up, why) {
+    this.setLink(up ? "up" : this.refusedWith === 401 ? "token?" : "offline",
+      up ? "connected" : why);
+    if (up) {
+      // A resumed stream brings no snapshot: what the keys show of devices is read again.
+      for (const ref of this.watchingDevices.keys()) this.refreshHeld(ref);
+    }
   }
 
-  linkChanged(up, why) {
-    if (up) {
-      this.link = LINK.up;
-      this.why = "";
-    } else {
-      this.link = this.refusedWith === 401 ? LINK.wrongToken : LINK.unreachable;
-      this.why = this.refusedWith ? `webvirt answered ${this.refusedWith}` : why;
-      this.logger.info(`webvirt at ${this.server}: ${this.why}`);
-    }
+  setLink(link, why) {
+    if (link === this.link) return;
+    this.link = link;
+    this.logger.info(`webvirt at ${this.server}: ${why}`);
     this.changed();
   }
 
   // What a key shows for a VM: its state in a word, or what keeps it from being known.
   look(ref) {
-    if (this.link !== LINK.up) return this.link;
+    if (this.link !== "up") return this.link ?? "offline";
+    const host = String(ref).includes("@") ? ref.split("@").pop() : "";
+    if (this.hostsDown.has(host)) return "libvirt down";
     const domain = this.domains.get(ref);
-    if (!domain) return "not found";
+    if (!domain) return "no such VM";
     return STATE_LABELS[domain.state] ?? "unknown";
+  }
+
+  // Whether the VM holds the device (null: not known).
+  holds(ref, vendor, product) {
+    const held = this.held.get(ref);
+    return held ? held.has(`${vendor}:${product}`) : null;
   }
 
   handle(message) {
     switch (message.type) {
       case "snapshot":
         this.domains.clear();
-        for (const domain of message.domains) {
+        for (const domain of message.domains ?? []) {
           this.domains.set(refOf(domain.name, domain.host), domain);
         }
+        this.hostsDown.clear();
+        if (message.hosts) {
+          for (const host of message.hosts) if (!host.connected) this.hostsDown.add(host.name);
+        } else if (message.connected === false) {
+          this.hostsDown.add("");
+        }
         for (const ref of this.watchingDevices.keys()) this.refreshHeld(ref);
+        this.changed();
+        break;
+      case "connection":
+        if (message.state === "lost") this.hostsDown.add(message.host ?? "");
+        else this.hostsDown.delete(message.host ?? "");
         this.changed();
         break;
       case "lifecycle":
@@ -128,9 +145,10 @@ export class Webvirt {
         if (message.state === "undefined") {
           this.domains.delete(ref);
         } else {
-          this.domains.set(ref, { name: message.domain, uuid: message.uuid,
-            state: message.state, ...(message.host ? { host: message.host } : {}) });
+          this.domains.set(ref, { name: message.domain, state: message.state,
+            ...(message.host ? { host: message.host } : {}) });
         }
+        if (!isActive(message.state)) this.usage.delete(ref); // a new graph when it starts
         if (this.watchingDevices.has(ref)) this.refreshHeld(ref);
         this.changed();
         break;
@@ -148,15 +166,17 @@ export class Webvirt {
         this.addStats(message);
         break;
       default:
-        break; // heartbeats, connection news (a snapshot follows a restore), newer types
+        break; // heartbeats, newer types
     }
   }
 
   addStats(message) {
-    for (const domain of message.domains) {
-      const ref = refOf(domain.domain, domain.host);
+    for (const domain of message.domains ?? []) {
+      // Several hosts: the message names its host, not each domain.
+      const ref = refOf(domain.domain, message.host);
       const usage = this.usage.get(ref) ?? { cpu: [], memory: null };
-      usage.cpu = [...usage.cpu, domain.cpu_percent].slice(-SAMPLES);
+      // Of the VM's own vCPUs, as the dashboard shows it: a busy VM is busy.
+      usage.cpu = [...usage.cpu, domain.guest_cpu_percent].slice(-SAMPLES);
       usage.memory = domain.memory_total_bytes
         ? (100 * domain.memory_bytes) / domain.memory_total_bytes : null;
       this.usage.set(ref, usage);
@@ -167,7 +187,7 @@ export class Webvirt {
   // A usage key came or went: stats are asked for only while one is shown.
   wantStats(more) {
     const before = this.statsWanted > 0;
-    this.statsWanted = Math.max(0, this.statsWanted + more);
+    this.statsWanted += more;
     if (before !== this.statsWanted > 0 && !this.stream.stopped) this.stream.restart();
   }
 
@@ -176,71 +196,22 @@ export class Webvirt {
     const count = (this.watchingDevices.get(ref) ?? 0) + more;
     if (count > 0) {
       this.watchingDevices.set(ref, count);
-      if (more > 0 && this.link === LINK.up) this.refreshHeld(ref);
+      if (more > 0 && this.link === "up") this.refreshHeld(ref);
     } else {
       this.watchingDevices.delete(ref);
       this.held.delete(ref);
     }
   }
 
-  async refreshHeld(ref) {
-    const answer = await this.call("GET", `/api/0/devices/${encodeURIComponent(ref)}`);
-    if (!this.watchingDevices.has(ref)) return;
-    if (answer.ok) {
-      this.held.set(ref, new Set(answer.body.filter((d) => d.vendor_id)
-        .map((d) => `${d.vendor_id}:${d.product_id}`)));
-    } else {
-      this.held.delete(ref);
-    }
-    this.changed();
-  }
-
-  // An API call: {ok, status, body, detail}; a network failure is status 0, never thrown.
-  async call(method, path, body = undefined) {
-    const headers = { ...this.headers() };
-    if (body !== undefined) headers["Content-Type"] = "application/json";
-    let response;
-    try {
-      response = await fetch(`${this.server}${path}`, {
-        method, headers, body: body === undefined ? undefined : JSON.stringify(body),
-        signal: AbortSignal.timeout(REQUEST_MS),
-      });
-    } catch (error) {
-      const why = error.cause?.code || error.cause?.message || error.message;
-      return { ok: false, status: 0, body: null, detail: `unreachable (${why})` };
-    }
-    let parsed = null;
-    try {
-      parsed = await response.json();
-    } catch {
-      // not JSON: a proxy's page, say
-    }
-    const detail = response.ok ? "" : (parsed?.detail ?? `HTTP ${response.status}`);
-    return { ok: response.ok, status: response.status, body: parsed, detail };
-  }
-
-  // What "Test connection" says: reachable, the token accepted, and whether it may act.
-  async test() {
-    const listing = await this.call("GET", "/api/0/domains");
-    if (listing.status === 0) return { ok: false, text: `webvirt is ${listing.detail}` };
-    if (listing.status === 401) return { ok: false, text: "the token is wrong (401)" };
-    if (!listing.ok) return { ok: false, text: `${listing.detail} (${listing.status})` };
-    // A rule with nothing in it: refused as a bad rule (400) with the full token, as an action
-    // (403 read_only_token) with a read token. Nothing is made either way.
-    const probe = await this.call("POST", "/api/0/rules", {});
-    const count = listing.body.length;
-    if (probe.status === 403) {
-      return { ok: false, text: `read-only token: ${count} VMs shown, presses refused (403)` };
-    }
-    return { ok: true, text: `connected: ${count} VMs` };
-  }
-}
-
-export function validServer(text) {
-  try {
-    const url = new URL(text);
-    return ["http:", "https:"].includes(url.protocol) && url.host !== "";
-  } catch {
-    return false;
+  refreshHeld(ref) {
+    const read = (this.heldReads.get(ref) ?? 0) + 1;
+    this.heldReads.set(ref, read);
+    this.api.list(`/api/0/devices/${encodeURIComponent(ref)}`).then((answer) => {
+      if (!this.watchingDevices.has(ref) || this.heldReads.get(ref) !== read) return;
+      this.held.set(ref, answer.ok ? new Set(answer.body.filter((d) => d?.vendor_id)
+        .map((d) => `${d.vendor_id}:${d.product_id}`)) : null);
+      if (!answer.ok) this.logger.warn(`devices of ${ref}: ${answer.detail}`);
+      this.changed();
+    }).catch((error) => this.logger.error(`devices of ${ref}: ${error.stack}`));
   }
 }

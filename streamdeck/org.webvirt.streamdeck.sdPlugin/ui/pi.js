@@ -24,8 +24,16 @@ pi.saveSettings = (changes) => {
   send("setSettings", pi.settings);
 };
 
-// A question for the plugin, with the server and token as shown (saved or not).
-pi.ask = (request, extra = {}) => send("sendToPlugin", { request, ...pi.global, ...extra });
+// A question for the plugin, with the server and token as shown (saved or not). Only the
+// answer to the latest question of each kind counts: an earlier one can come later (a server
+// that did not answer), and would undo what the page shows.
+let asked = 0;
+const latest = {};
+pi.ask = (request, extra = {}) => {
+  asked += 1;
+  latest[request] = asked;
+  send("sendToPlugin", { request, id: asked, ...pi.global, ...extra });
+};
 
 // The Stream Deck app calls this once the page has loaded.
 window.connectElgatoStreamDeckSocket = (port, uuid, registerEvent, info, actionInfo) => {
@@ -48,7 +56,10 @@ window.connectElgatoStreamDeckSocket = (port, uuid, registerEvent, info, actionI
       pi.settings = data.payload.settings ?? {};
       emit("settings", pi.settings);
     } else if (data.event === "sendToPropertyInspector") {
-      emit(data.payload.event, data.payload);
+      const reply = data.payload;
+      // For this key (another key's page may have asked), and the latest of its kind.
+      if (reply.context !== pi.uuid || reply.id !== latest[reply.event]) return;
+      emit(reply.event, reply);
     }
   });
 };

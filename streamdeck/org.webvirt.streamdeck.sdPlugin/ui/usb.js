@@ -16,9 +16,10 @@
       pi.saveSettings({ vendor_id: vendor ?? "", product_id: product ?? "",
         label: option?.dataset.label ?? "" });
     });
-    askDevices(pi.settings.domain);
   });
   pi.on("domain", askDevices);
+  // The server and token come after the page connects: ask again with them.
+  pi.on("global", () => askDevices(pi.settings.domain));
 
   pi.on("devices", (reply) => {
     const select = document.getElementById("device");

@@ -22,15 +22,12 @@ export class Power extends KeySet {
 
   async onKeyUp(ev) {
     const key = this.shown.get(ev.action.id);
-    const ref = key?.settings.domain;
-    if (!key || !this.webvirt || !ref) {
-      await ev.action.showAlert();
-      return;
-    }
-    const held = Date.now() - (key.downAt ?? Date.now()) >= HOLD_MS;
-    const action = held ? "destroy" : "power";
-    const answer = await this.webvirt.call("POST",
-      `/api/0/${action}/${encodeURIComponent(ref)}`);
-    await this.outcome(key, `${action} ${ref}`, answer);
+    const downAt = key?.downAt;
+    if (key) delete key.downAt;
+    if (downAt === undefined) return; // a release without its press (a page changed): nothing
+    const action = Date.now() - downAt >= HOLD_MS ? "destroy" : "power";
+    await this.act(ev, (k) => `${action} ${k.settings.domain}`, (api, k) => (k.settings.domain
+      ? api.call("POST", `/api/0/${action}/${encodeURIComponent(k.settings.domain)}`)
+      : { ok: false, status: 0, detail: "no VM chosen" }));
   }
 }

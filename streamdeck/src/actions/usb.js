@@ -4,6 +4,8 @@
 import { usbKey } from "../keys.js";
 import { KeySet, shortName } from "../keyset.js";
 
+const RUNS_A_GUEST = new Set(["running", "paused", "stopping", "asleep"]);
+
 export class Usb extends KeySet {
   manifestId = "org.webvirt.streamdeck.usb";
 
@@ -16,23 +18,21 @@ export class Usb extends KeySet {
     const device = label || (vendor ? `${vendor}:${product}` : "no device");
     if (!this.webvirt || !ref || !vendor) return usbKey(shortName(ref), device, "set up");
     const look = this.webvirt.look(ref);
-    if (!["running", "paused", "stopping", "asleep"].includes(look)) {
-      return usbKey(shortName(ref), device, look === "shut off" ? "detached" : look);
+    if (!RUNS_A_GUEST.has(look)) {
+      return usbKey(shortName(ref), device, look === "shut off" ? "not here" : look);
     }
-    const held = this.webvirt.held.get(ref)?.has(`${vendor}:${product}`);
-    return usbKey(shortName(ref), device, held ? "attached" : "detached");
+    const holds = this.webvirt.holds(ref, vendor, product);
+    return usbKey(shortName(ref), device, holds === null ? "unknown"
+      : holds ? "attached" : "not here");
   }
 
   async onKeyUp(ev) {
-    const key = this.shown.get(ev.action.id);
-    const { domain: ref, vendor_id: vendor, product_id: product } = key?.settings ?? {};
-    if (!key || !this.webvirt || !ref || !vendor) {
-      await ev.action.showAlert();
-      return;
-    }
-    const query = new URLSearchParams({ vendor_id: vendor, product_id: product });
-    const answer = await this.webvirt.call("POST",
-      `/api/0/toggle/${encodeURIComponent(ref)}/usb?${query}`);
-    await this.outcome(key, `toggle ${vendor}:${product} on ${ref}`, answer);
+    await this.act(ev, (k) => `toggle ${k.settings.vendor_id}:${k.settings.product_id} on `
+      + `${k.settings.domain}`, (api, k) => {
+      const { domain: ref, vendor_id: vendor, product_id: product } = k.settings;
+      if (!ref || !vendor) return { ok: false, status: 0, detail: "no VM or device chosen" };
+      const query = new URLSearchParams({ vendor_id: vendor, product_id: product });
+      return api.call("POST", `/api/0/toggle/${encodeURIComponent(ref)}/usb?${query}`);
+    });
   }
 }
