@@ -347,7 +347,8 @@ async def test_the_settings_page_sets_server_token_and_vm_and_says_what_is_wrong
     key = await deck.appear(POWER, {})
     await deck.shows(key, "set up")
     await deck.inspect(key)
-    await connect_page(page, deck, "power", POWER, key, {})
+    await connect_page(page, deck, POWER, key, {})
+    await expect(page.locator("#device-row")).to_be_hidden()  # a power key has no device
     await expect(page.locator("#server")).to_have_value(url_of(demo))
     await expect(page.locator("#domain option")).to_have_count(4)  # "choose" and 3 VMs
     await page.click("#test")
@@ -368,7 +369,7 @@ async def test_the_usb_settings_page_lists_the_hosts_devices_when_it_opens(
         deck: FakeStreamDeck, page: Page) -> None:
     key = await deck.appear(USB, {"domain": "win11"})
     await deck.inspect(key)
-    await connect_page(page, deck, "usb", USB, key, {"domain": "win11"})
+    await connect_page(page, deck, USB, key, {"domain": "win11"})
     await expect(page.locator("#device option")).to_have_count(3)  # "choose" and 2 devices
     mark = deck.mark()
     await page.select_option("#device", "046d:c52b")
@@ -377,10 +378,10 @@ async def test_the_usb_settings_page_lists_the_hosts_devices_when_it_opens(
                                   "product_id": "c52b", "label": "Unifying Receiver"}
 
 
-async def connect_page(page: Page, deck: FakeStreamDeck, name: str, action: str, key: str,
+async def connect_page(page: Page, deck: FakeStreamDeck, action: str, key: str,
                        settings: dict[str, Any]) -> None:
     """The key's settings page, connected as the Stream Deck app does it."""
-    await page.goto((PLUGIN_DIR / "ui" / f"{name}.html").as_uri())
+    await page.goto((PLUGIN_DIR / "ui" / "settings.html").as_uri())
     await page.evaluate(
         "([port, uuid, info, action]) => window.connectElgatoStreamDeckSocket(port, uuid, "
         "'registerPropertyInspector', info, action)",

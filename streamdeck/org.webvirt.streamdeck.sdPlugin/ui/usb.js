@@ -1,14 +1,18 @@
-// The USB key's page: the host's USB devices (of the VM's host), to pick the one the key hands
-// over; saved with its ids and a short name for the key.
+// For a USB key, the settings page has one more field: the host's USB devices (of the VM's
+// host), to pick the one the key hands over; saved with its ids and a short name for the key.
 /* global document, window, Option */
 {
   const pi = window.pi;
 
+  const forUsb = () => pi.action === "org.webvirt.streamdeck.usb";
+
   function askDevices(domain) {
-    if (domain) pi.ask("devices", { domain });
+    if (domain && forUsb()) pi.ask("devices", { domain });
   }
 
   pi.on("connected", () => {
+    if (!forUsb()) return;
+    document.getElementById("device-row").hidden = false;
     const select = document.getElementById("device");
     select.addEventListener("change", () => {
       const option = select.selectedOptions[0];
